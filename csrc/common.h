@@ -1,0 +1,32 @@
+// Small helpers shared by every kernel file. Python validates arguments first (with messages that name them);
+// these checks are the safety net for callers that reach torch.ops.ltkernels.* directly.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#define LTK_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
+#define LTK_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+#define LTK_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must be ", d, "-D, got shape ", (x).sizes())
+
+// float32/float64/float16/bfloat16: the dtypes every ltkernels op accepts for its floating-point inputs.
+#define LTK_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+namespace ltk {
+
+// Accumulation type: float for float32/float16/bfloat16, double for float64.
+template <typename T>
+struct acc {
+  using type = float;
+};
+template <>
+struct acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename acc<T>::type;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace ltk

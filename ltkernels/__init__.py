@@ -1,0 +1,16 @@
+"""ltkernels: fast, exact kernels for long-tail object detection.
+
+Every public function calls one registered op, `torch.ops.ltkernels.<name>`, which the dispatcher sends to the CPU
+or CUDA kernel; fake-tensor and autograd registrations live beside each op in `ltkernels/ops/`.
+"""
+from ._ext import LibraryMismatchError, build_info, has_cuda_kernels
+from .ops.equalized_focal_loss import *  # noqa: F401,F403
+from .ops.group_softmax import *  # noqa: F401,F403
+from .ops.nms import *  # noqa: F401,F403
+from .ops.roi_align import *  # noqa: F401,F403
+from .ops import equalized_focal_loss as _efl, group_softmax as _gs, nms as _nms, roi_align as _ra
+
+__version__ = build_info()["version"]
+
+__all__ = ["build_info", "has_cuda_kernels", "LibraryMismatchError", "__version__",
+           *_efl.__all__, *_gs.__all__, *_nms.__all__, *_ra.__all__]

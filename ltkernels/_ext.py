@@ -1,0 +1,60 @@
+"""Loads the compiled library (which registers torch.ops.ltkernels.*) and checks it matches the installed torch."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+
+class LibraryMismatchError(ImportError):
+    """The compiled ltkernels library cannot be used with the installed torch."""
+
+
+_REBUILD_HINT = "Rebuild it against this torch: `pip install --no-build-isolation --force-reinstall --no-deps ltkernels`."
+
+
+def _load():
+    override = os.environ.get("LTKERNELS_LIBRARY")  # a developer's own build, e.g. build/dev-nms/_C*.so
+    try:
+        if override:
+            spec = importlib.util.spec_from_file_location("ltkernels._C", override)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module("ltkernels._C")
+    except ImportError as err:
+        if "undefined symbol" in str(err):
+            raise LibraryMismatchError(
+                f"ltkernels' compiled library does not match torch {torch.__version__} ({err}). {_REBUILD_HINT}"
+            ) from err
+        raise ImportError(
+            f"ltkernels' compiled library could not be loaded ({err}). Install the package with "
+            "`pip install --no-build-isolation .` so the C++/CUDA kernels are built."
+        ) from err
+
+
+_C = _load()
+_BUILD = _C.build_info()
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+if _major_minor(_BUILD["torch_version"]) != _major_minor(torch.__version__):
+    raise LibraryMismatchError(
+        f"ltkernels was built against torch {_BUILD['torch_version']} but torch {torch.__version__} is installed. "
+        + _REBUILD_HINT
+    )
+
+
+def build_info() -> dict:
+    """Version, the torch it was built against, whether the CUDA kernels are in, and their architectures."""
+    return dict(_BUILD)
+
+
+def has_cuda_kernels() -> bool:
+    return bool(_BUILD["cuda"])

@@ -1,0 +1,1 @@
+"""Public functions, one module per op: each calls `torch.ops.ltkernels.<op>` and registers its fake and autograd."""

@@ -1,0 +1,2 @@
+"""Placeholder: filled in by the roi_align work."""
+__all__: list[str] = []

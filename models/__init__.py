@@ -1,0 +1,1 @@
+"""Detectors, LVIS data, training and evaluation built on ltkernels (installed as `ltkernels.models`)."""
