@@ -58,3 +58,8 @@ def build_info() -> dict:
 
 def has_cuda_kernels() -> bool:
     return bool(_BUILD["cuda"])
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded library defines torch.ops.ltkernels.<name> (a developer build may hold only some ops)."""
+    return bool(torch._C._jit_get_schemas_for_operator(f"ltkernels::{name}"))
