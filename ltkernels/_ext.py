@@ -44,11 +44,14 @@ def _major_minor(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-if _major_minor(_BUILD["torch_version"]) != _major_minor(torch.__version__):
-    raise LibraryMismatchError(
-        f"ltkernels was built against torch {_BUILD['torch_version']} but torch {torch.__version__} is installed. "
-        + _REBUILD_HINT
-    )
+def check_torch_matches(built: str, installed: str) -> None:
+    """C++ ABI of torch changes between minor releases: a library built for another one must not be loaded."""
+    if _major_minor(built) != _major_minor(installed):
+        raise LibraryMismatchError(
+            f"ltkernels was built against torch {built} but torch {installed} is installed. " + _REBUILD_HINT)
+
+
+check_torch_matches(_BUILD["torch_version"], torch.__version__)
 
 
 def build_info() -> dict:

@@ -1,0 +1,39 @@
+"""The package layer: build information, the torch-mismatch guard, op registration."""
+import pytest
+import torch
+
+import ltkernels
+from ltkernels import _ext
+
+OPS = ["roi_align", "_roi_align_backward", "nms", "batched_nms", "multiclass_nms", "group_softmax_loss",
+       "group_softmax_scores", "equalized_focal_loss"]
+
+
+def test_build_info_describes_the_build():
+    info = ltkernels.build_info()
+    assert info["version"] == ltkernels.__version__
+    assert _ext._major_minor(info["torch_version"]) == _ext._major_minor(torch.__version__)
+    assert isinstance(info["cuda"], bool) and info["openmp"]
+    if info["cuda"]:
+        assert "90" in info["cuda_architectures"].split(",") or info["cuda_architectures"]
+    info["version"] = "changed"  # a copy: callers cannot corrupt the module's record
+    assert ltkernels.build_info()["version"] == ltkernels.__version__
+
+
+@pytest.mark.parametrize("built,installed,ok", [
+    ("2.14.1", "2.14.1+cu130", True), ("2.14.0", "2.14.1", True),
+    ("2.11.0", "2.14.1", False), ("3.0.0", "2.14.1", False)])
+def test_torch_mismatch_is_a_clear_error(built, installed, ok):
+    if ok:
+        _ext.check_torch_matches(built, installed)
+    else:
+        with pytest.raises(ltkernels.LibraryMismatchError, match=f"built against torch {built}.*Rebuild"):
+            _ext.check_torch_matches(built, installed)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_ops_are_registered_with_the_dispatcher(name):
+    assert _ext.has_op(name), f"torch.ops.ltkernels.{name} is not registered"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ltkernels::{name}", "CPU")
+    if ltkernels.has_cuda_kernels():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ltkernels::{name}", "CUDA")
