@@ -1,0 +1,249 @@
+"""Box evaluation with the official `lvis` evaluator, plus the instance-count bins AP1..AP4.
+
+`evaluate_detections(gt_ann_file, detections)` converts per-image detections (x1y1x2y2 boxes in original image
+pixels, scores, category ids) to LVIS results (xywh, at most `max_dets` per image, best scores first), runs
+`lvis.LVISEval` (iou_type "bbox") and returns
+
+- `AP, AP50, AP75, APs, APm, APl, APr, APc, APf` exactly as `LVISEval.results` computes them;
+- `AP1, AP2, AP3, AP4`: the mean per-class AP over the classes whose *training* instance count (the category's
+  `instance_count` in the GT file, which LVIS val files carry) is < 10, in [10, 100), in [100, 1000) and
+  >= 1000 (the BAGS / SimCal bins);
+- `AR@300` (recall), `per_class_ap` {category id: AP}, `num_detections`, `num_images`.
+
+A per-class AP is the mean of the evaluator's precision `eval['precision'][T, R, K, A]` over the IoU
+thresholds T and the 101 recall thresholds R for area 'all', ignoring -1 entries; it is -1.0 for a class with
+no ground truth in the evaluated file.  Every aggregate is in [0, 1], or -1.0 where undefined (no class in
+the group / bin has ground truth), the `lvis` convention.  An empty detection list gives 0.0 for every defined
+metric (the evaluator itself raises on empty results, so it is not called).
+
+A GT file in plain COCO format (no `neg_category_ids` / `frequency`) is evaluated through an LVIS-compatible
+copy: every category absent from an image's ground truth is a verified negative (COCO is exhaustive),
+nothing is "not exhaustive", crowd boxes are dropped, and frequencies come from `image_count` if present, else
+from the GT file's own image counts.  This is the LVIS evaluator on COCO data (300 detections per image), close
+to but not identical with `pycocotools.COCOeval`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["evaluate_detections", "detections_to_results", "instance_bin", "BIN_EDGES", "METRIC_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+BIN_EDGES = (10, 100, 1000)  # AP1: < 10, AP2: [10, 100), AP3: [100, 1000), AP4: >= 1000 training instances
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
+
+
+def _np_compat():
+    # lvis 0.5.3 uses np.float, removed in numpy 1.24
+    if "float" not in np.__dict__:
+        np.float = float  # type: ignore[attr-defined]
+
+
+def instance_bin(count: int) -> int:
+    """Bin index 1..4 of a training instance count (< 10, 10-100, 100-1000, >= 1000)."""
+    for i, edge in enumerate(BIN_EDGES):
+        if count < edge:
+            return i + 1
+    return len(BIN_EDGES) + 1
+
+
+def _to_numpy(x, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def detections_to_results(detections: List[dict], max_dets: int = 300,
+                          label_to_category_id: Optional[Dict[int, int]] = None) -> List[dict]:
+    """Per-image detections -> LVIS result list (xywh boxes, at most `max_dets` per image by score)."""
+    results = []
+    for det in detections:
+        img_id = int(det["image_id"])
+        boxes = _to_numpy(det["boxes"], np.float64).reshape(-1, 4)
+        scores = _to_numpy(det["scores"], np.float64).reshape(-1)
+        labels = _to_numpy(det["labels"], np.int64).reshape(-1)
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError("image %d: boxes, scores and labels differ in length (%d, %d, %d)"
+                             % (img_id, len(boxes), len(scores), len(labels)))
+        order = np.argsort(-scores, kind="stable")
+        if max_dets is not None and max_dets >= 0:
+            order = order[:max_dets]
+        for j in order:
+            x1, y1, x2, y2 = (float(v) for v in boxes[j])
+            cid = int(labels[j])
+            if label_to_category_id is not None:
+                cid = int(label_to_category_id[cid])
+            results.append({"image_id": img_id, "category_id": cid,
+                            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                            "score": round(float(scores[j]), 6)})
+    return results
+
+
+def _lvis_compatible(gt: dict) -> dict:
+    """COCO-format GT -> LVIS-compatible GT (see the module docstring); LVIS files are returned unchanged."""
+    imgs = gt["images"]
+    cats = gt["categories"]
+    is_lvis = (all("neg_category_ids" in im and "not_exhaustive_category_ids" in im for im in imgs)
+               and all("frequency" in c for c in cats))
+    if is_lvis and all("area" in a for a in gt["annotations"]):
+        return gt
+    gt = copy.deepcopy(gt)
+    anns = [a for a in gt["annotations"] if not a.get("iscrowd", 0)]
+    for a in anns:
+        if "area" not in a:
+            a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+        if "segmentation" not in a:
+            x, y, w, h = a["bbox"]
+            a["segmentation"] = [[x, y, x, y + h, x + w, y + h, x + w, y]]
+    gt["annotations"] = anns
+    cat_ids = [int(c["id"]) for c in cats]
+    present = defaultdict(set)
+    for a in anns:
+        present[int(a["image_id"])].add(int(a["category_id"]))
+    for im in gt["images"]:
+        if "neg_category_ids" not in im:
+            im["neg_category_ids"] = [c for c in cat_ids if c not in present[int(im["id"])]]
+        im.setdefault("not_exhaustive_category_ids", [])
+    img_count = defaultdict(int)
+    for s in present.values():
+        for c in s:
+            img_count[c] += 1
+    for c in gt["categories"]:
+        if "frequency" not in c:
+            n = int(c.get("image_count", img_count[int(c["id"])]))
+            c["frequency"] = "r" if n <= 10 else ("c" if n <= 100 else "f")
+    return gt
+
+
+def _empty_metrics(gt: dict, train_counts: Dict[int, int]) -> dict:
+    with_gt = {int(a["category_id"]) for a in gt["annotations"]}
+    freq = {int(c["id"]): c.get("frequency") for c in gt["categories"]}
+    per_class = {int(c["id"]): (0.0 if int(c["id"]) in with_gt else -1.0) for c in gt["categories"]}
+    m = {k: (0.0 if with_gt else -1.0) for k in ("AP", "AP50", "AP75", "AR@300")}
+    areas = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, 1e10)}
+    for key, (lo, hi) in areas.items():
+        m[key] = 0.0 if any(lo <= float(a["area"]) <= hi for a in gt["annotations"]) else -1.0
+        m["AR%s@300" % key[2]] = m[key]
+    for key, f in (("APr", "r"), ("APc", "c"), ("APf", "f")):
+        m[key] = 0.0 if any(freq[c] == f for c in with_gt) else -1.0
+    for b in range(1, 5):
+        m["AP%d" % b] = 0.0 if any(instance_bin(train_counts.get(c, 0)) == b for c in with_gt) else -1.0
+    m["per_class_ap"] = per_class
+    return m
+
+
+def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optional[str] = None,
+                        max_dets: int = 300, backend: str = "lvis",
+                        label_to_category_id: Optional[Dict[int, int]] = None,
+                        train_instance_counts: Optional[Dict[int, int]] = None) -> dict:
+    """Evaluate detections against an LVIS (or COCO) GT file; see the module docstring for the metrics.
+
+    `detections`: list of {"image_id", "boxes" [K, 4] x1y1x2y2 original pixels, "scores" [K], "labels" [K]}
+    (tensors or arrays; labels are category ids unless `label_to_category_id` maps them).
+    `train_instance_counts` overrides the categories' `instance_count` for the AP1..AP4 bins.
+    Writes `metrics.json` and `results.json` into `out_dir` when given.
+    """
+    if backend not in ("lvis", "faster-coco-eval"):
+        raise ValueError("unknown backend %r (use 'lvis' or 'faster-coco-eval')" % backend)
+    if backend == "faster-coco-eval":
+        try:
+            import faster_coco_eval  # noqa: F401
+        except ImportError:
+            raise ImportError("backend='faster-coco-eval' needs the faster-coco-eval package; "
+                              "use backend='lvis'") from None
+        raise NotImplementedError("the faster-coco-eval backend is not implemented yet; use backend='lvis'")
+    _np_compat()
+    from lvis import LVIS, LVISEval, LVISResults
+
+    with open(gt_ann_file) as f:
+        raw_gt = json.load(f)
+    gt = _lvis_compatible(raw_gt)
+    gt_img_ids = {int(im["id"]) for im in gt["images"]}
+    results = detections_to_results(detections, max_dets=max_dets, label_to_category_id=label_to_category_id)
+    unknown = {r["image_id"] for r in results} - gt_img_ids
+    if unknown:
+        raise ValueError("detections for %d image ids absent from %s (e.g. %d)"
+                         % (len(unknown), gt_ann_file, min(unknown)))
+    cat_ids = sorted(int(c["id"]) for c in gt["categories"])
+    known_cats = set(cat_ids)
+    bad_cats = {r["category_id"] for r in results} - known_cats
+    if bad_cats:
+        raise ValueError("detections with category ids absent from %s: %s" % (gt_ann_file, sorted(bad_cats)[:10]))
+
+    if train_instance_counts is not None:
+        train_counts = {int(k): int(v) for k, v in train_instance_counts.items()}
+    elif all("instance_count" in c for c in gt["categories"]):
+        train_counts = {int(c["id"]): int(c["instance_count"]) for c in gt["categories"]}
+    else:
+        train_counts = defaultdict(int)
+        for a in gt["annotations"]:
+            train_counts[int(a["category_id"])] += 1
+        logger.warning("%s: categories carry no instance_count; AP1..AP4 use the GT file's own counts",
+                       gt_ann_file)
+
+    if not results:
+        metrics = _empty_metrics(gt, train_counts)
+    else:
+        tmp = None
+        try:
+            if gt is raw_gt:
+                lvis_gt = LVIS(gt_ann_file)
+            else:
+                fd, tmp = tempfile.mkstemp(suffix=".json")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(gt, f)
+                lvis_gt = LVIS(tmp)
+            quiet = logging.getLogger("lvis")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)  # "Assuming user provided the results in correct format." etc.
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls the deprecated logger.warn
+                    dt = LVISResults(lvis_gt, copy.deepcopy(results), max_dets=max_dets)
+                    ev = LVISEval(lvis_gt, dt, iou_type="bbox")
+                    ev.params.max_dets = max_dets
+                    ev.run()
+            finally:
+                quiet.setLevel(level)
+        finally:
+            if tmp is not None:
+                os.unlink(tmp)
+        metrics = {k: float(v) for k, v in ev.get_results().items()}
+        metrics = {("AR@300" if k.startswith("AR@") else k): v for k, v in metrics.items()}
+        prec = ev.eval["precision"]  # [T, R, K, A]
+        per_class = {}
+        for k, cid in enumerate(ev.params.cat_ids):
+            p = prec[:, :, k, 0]
+            p = p[p > -1]
+            per_class[int(cid)] = float(np.mean(p)) if p.size else -1.0
+        metrics["per_class_ap"] = per_class
+        for b in range(1, 5):
+            vals = [ap for cid, ap in per_class.items() if ap >= 0 and instance_bin(train_counts.get(cid, 0)) == b]
+            metrics["AP%d" % b] = float(np.mean(vals)) if vals else -1.0
+    metrics["num_detections"] = len(results)
+    metrics["num_images"] = len(gt_img_ids)
+    for k in METRIC_KEYS:
+        v = metrics[k]
+        metrics[k] = -1.0 if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v)
+
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        out = {k: v for k, v in metrics.items() if k != "per_class_ap"}
+        out["per_class_ap"] = {str(k): v for k, v in metrics["per_class_ap"].items()}
+        out["train_instance_counts"] = {str(k): int(train_counts.get(k, 0)) for k in cat_ids}
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+    return metrics

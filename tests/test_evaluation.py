@@ -1,0 +1,207 @@
+"""LVIS box evaluation: exact numbers on hand-built cases, bins, federated rules, empty results."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ltkernels.models.evaluation.lvis_eval import METRIC_KEYS, evaluate_detections, instance_bin
+from ltkernels.models.evaluation.plots import plot_ap_by_bin, plot_ap_vs_instances
+
+
+def _cat(cid, instance_count=20, image_count=None, frequency=None):
+    image_count = instance_count if image_count is None else image_count
+    if frequency is None:
+        frequency = "r" if image_count <= 10 else ("c" if image_count <= 100 else "f")
+    return {"id": cid, "name": "c%d" % cid, "synset": "c%d.n.01" % cid, "frequency": frequency,
+            "image_count": image_count, "instance_count": instance_count}
+
+
+def _gt_file(path, images, anns, cats):
+    """images: list of (id, neg ids, not-exhaustive ids); anns: list of (image id, category id, [x, y, w, h])."""
+    data = {
+        "info": {}, "licenses": [],
+        "images": [{"id": i, "width": 200, "height": 200, "coco_url": "http://x/val2017/%012d.jpg" % i,
+                    "neg_category_ids": list(neg), "not_exhaustive_category_ids": list(nex)}
+                   for i, neg, nex in images],
+        "annotations": [{"id": k + 1, "image_id": i, "category_id": c, "bbox": list(b), "area": b[2] * b[3],
+                         "segmentation": [[b[0], b[1], b[0] + b[2], b[1], b[0] + b[2], b[1] + b[3], b[0],
+                                           b[1] + b[3]]]}
+                        for k, (i, c, b) in enumerate(anns)],
+        "categories": cats,
+    }
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return str(path)
+
+
+def _xyxy(b):
+    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+
+
+def _dets(items):
+    """items: list of (image id, category id, xywh box, score) -> per-image detection dicts (tensors)."""
+    by_img = {}
+    for i, c, b, s in items:
+        by_img.setdefault(i, []).append((c, _xyxy(b), s))
+    out = []
+    for i, v in sorted(by_img.items()):
+        out.append({"image_id": i, "boxes": torch.tensor([x[1] for x in v], dtype=torch.float32),
+                    "scores": torch.tensor([x[2] for x in v]), "labels": torch.tensor([x[0] for x in v])})
+    return out
+
+
+A = [10, 10, 40, 40]
+B = [100, 100, 30, 50]
+FAR = [150, 20, 30, 30]
+
+
+def test_ground_truth_as_detections_gives_ap_one(tmp_path):
+    anns = [(1, 1, A), (1, 2, B), (2, 1, [5, 5, 20, 20]), (2, 3, [60, 60, 120, 110]), (3, 2, FAR)]
+    gt = _gt_file(tmp_path / "gt.json", [(1, [3], []), (2, [2], []), (3, [1], [])], anns,
+                  [_cat(1, 5), _cat(2, 50), _cat(3, 500)])
+    dets = _dets([(i, c, b, 1.0) for i, c, b in anns])
+    m = evaluate_detections(gt, dets, out_dir=str(tmp_path / "out"))
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3"):
+        assert m[k] == pytest.approx(1.0), k
+    assert m["AP4"] == -1.0  # no class with >= 1000 training instances
+    assert m["per_class_ap"] == {1: pytest.approx(1.0), 2: pytest.approx(1.0), 3: pytest.approx(1.0)}
+    saved = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert set(METRIC_KEYS) <= set(saved) and saved["AP"] == pytest.approx(1.0)
+    assert len(json.load(open(tmp_path / "out" / "results.json"))) == len(anns)
+
+
+def test_hand_computed_101_point_interpolation(tmp_path):
+    # one class, two GT boxes on two images; detections ranked TP (0.9), FP (0.8), TP (0.7)
+    gt = _gt_file(tmp_path / "gt.json", [(1, [], []), (2, [], [])], [(1, 1, A), (2, 1, B)], [_cat(1, 20)])
+    dets = _dets([(1, 1, A, 0.9), (2, 1, FAR, 0.8), (2, 1, B, 0.7)])
+    m = evaluate_detections(gt, dets)
+    # recall [.5, .5, 1], precision [1, .5, 2/3] -> interpolated [1, 2/3, 2/3]: 51 recall points (0..0.50)
+    # get 1, the other 50 get 2/3
+    expected = (51 * 1.0 + 50 * (2.0 / 3.0)) / 101
+    assert m["AP"] == pytest.approx(expected, abs=1e-9)
+    assert m["AP50"] == pytest.approx(expected, abs=1e-9)
+    # FP ranked last changes nothing: AP = 1
+    m = evaluate_detections(gt, _dets([(1, 1, A, 0.9), (2, 1, FAR, 0.1), (2, 1, B, 0.7)]))
+    assert m["AP"] == pytest.approx(1.0)
+
+
+def test_iou_thresholds(tmp_path):
+    gt = _gt_file(tmp_path / "gt.json", [(1, [], [])], [(1, 1, [0, 0, 10, 10])], [_cat(1, 20)])
+    # IoU 0.78: a true positive at thresholds 0.50 .. 0.75 (6 of 10), a false positive at 0.80 .. 0.95
+    m = evaluate_detections(gt, _dets([(1, 1, [0, 0, 10, 7.8], 1.0)]))
+    assert m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+    assert m["AP"] == pytest.approx(0.6)
+
+
+def test_bins_use_training_instance_counts(tmp_path):
+    # category 2 has 50 instances in only 9 images: frequency 'r' but bin AP2 (10-100 instances)
+    cats = [_cat(1, 5), _cat(2, 50, image_count=9), _cat(3, 500, image_count=300), _cat(4, 5000, image_count=900)]
+    anns = [(1, 1, A), (1, 2, B), (2, 3, A), (2, 4, B)]
+    gt = _gt_file(tmp_path / "gt.json", [(1, [3, 4], []), (2, [1, 2], [])], anns, cats)
+    assert [instance_bin(c["instance_count"]) for c in cats] == [1, 2, 3, 4]
+    assert [instance_bin(n) for n in (0, 9, 10, 99, 100, 999, 1000)] == [1, 1, 2, 2, 3, 3, 4]
+    dets = _dets([(1, 1, A, 1.0), (2, 3, A, 1.0)])  # perfect on classes 1 and 3, nothing for 2 and 4
+    m = evaluate_detections(gt, dets)
+    assert (m["AP1"], m["AP2"], m["AP3"], m["AP4"]) == (pytest.approx(1.0), 0.0, pytest.approx(1.0), 0.0)
+    assert m["APr"] == pytest.approx(0.5)  # classes 1 and 2 are both rare by image count
+    assert m["APc"] == -1.0
+    assert m["APf"] == pytest.approx(0.5)
+    assert m["AP"] == pytest.approx(0.5)
+    # an explicit training count table overrides the categories' instance_count
+    m = evaluate_detections(gt, dets, train_instance_counts={1: 2000, 2: 3, 3: 3, 4: 3})
+    assert m["AP4"] == pytest.approx(1.0) and m["AP1"] == pytest.approx(1.0 / 3)  # classes 2, 3, 4: 0, 1, 0
+
+
+def test_federated_unverified_category_is_ignored_neg_is_fp(tmp_path):
+    # image 1: GT class 1, class 2 verified absent; image 2: GT class 2; image 3: no GT, no negatives
+    images = [(1, [2], []), (2, [], []), (3, [], [])]
+    gt = _gt_file(tmp_path / "gt.json", images, [(1, 1, A), (2, 2, B)], [_cat(1), _cat(2)])
+    base = [(1, 1, A, 0.5), (2, 2, B, 0.5)]
+    # class 1 on image 3 (neither in its GT nor its negatives): ignored, not a false positive
+    m = evaluate_detections(gt, _dets(base + [(3, 1, A, 0.99)]))
+    assert m["per_class_ap"][1] == pytest.approx(1.0)
+    # class 2 on image 1 (a verified negative): a false positive ranked first -> AP 0.5
+    m = evaluate_detections(gt, _dets(base + [(1, 2, A, 0.99)]))
+    assert m["per_class_ap"][2] == pytest.approx(0.5)
+    assert m["per_class_ap"][1] == pytest.approx(1.0)
+    # class 2 on image 2 (present in GT): an unmatched box is a false positive
+    m = evaluate_detections(gt, _dets(base + [(2, 2, FAR, 0.99)]))
+    assert m["per_class_ap"][2] == pytest.approx(0.5)
+
+
+def test_federated_not_exhaustive_unmatched_is_ignored(tmp_path):
+    images = [(1, [], []), (2, [], [2])]
+    cats = [_cat(1), _cat(2)]
+    dets = _dets([(1, 1, A, 0.5), (2, 2, B, 0.5), (2, 2, FAR, 0.99)])
+    m = evaluate_detections(_gt_file(tmp_path / "gt.json", images, [(1, 1, A), (2, 2, B)], cats), dets)
+    assert m["per_class_ap"][2] == pytest.approx(1.0)
+    # the same detections when class 2 is exhaustively annotated on image 2
+    gt2 = _gt_file(tmp_path / "gt2.json", [(1, [], []), (2, [], [])], [(1, 1, A), (2, 2, B)], cats)
+    assert evaluate_detections(gt2, dets)["per_class_ap"][2] == pytest.approx(0.5)
+
+
+def test_empty_detections_give_zeros(tmp_path):
+    gt = _gt_file(tmp_path / "gt.json", [(1, [], []), (2, [], [])], [(1, 1, A), (2, 2, B)],
+                  [_cat(1, 5), _cat(2, 500), _cat(3, 50)])
+    for dets in ([], [{"image_id": 1, "boxes": np.zeros((0, 4)), "scores": np.zeros(0),
+                       "labels": np.zeros(0, dtype=np.int64)}]):
+        m = evaluate_detections(gt, dets, out_dir=str(tmp_path / "o"))
+        assert m["AP"] == 0.0 and m["AP50"] == 0.0 and m["APr"] == 0.0 and m["APf"] == 0.0
+        assert m["AP1"] == 0.0 and m["AP3"] == 0.0
+        assert m["APc"] == -1.0 and m["AP2"] == -1.0 and m["AP4"] == -1.0  # no GT in these groups
+        assert m["per_class_ap"] == {1: 0.0, 2: 0.0, 3: -1.0}
+        assert os.path.exists(tmp_path / "o" / "metrics.json")
+
+
+def test_top_300_per_image(tmp_path):
+    gt = _gt_file(tmp_path / "gt.json", [(1, [], [])], [(1, 1, A)], [_cat(1)])
+    fps = [(1, 1, [150 + (k % 7), 150, 20, 20], 0.9 - k * 1e-4) for k in range(300)]
+    dets = _dets(fps + [(1, 1, A, 0.05)])
+    m = evaluate_detections(gt, dets, out_dir=str(tmp_path / "o"))
+    assert m["AP"] == 0.0 and m["num_detections"] == 300  # the true positive is the 301st: cut
+    assert len(json.load(open(tmp_path / "o" / "results.json"))) == 300
+    m = evaluate_detections(gt, dets, max_dets=400)
+    assert m["AP"] == pytest.approx(1.0 / 301, rel=1e-6)
+
+
+def test_coco_format_ground_truth(tmp_path):
+    data = {"images": [{"id": 7, "width": 100, "height": 100, "file_name": "a.jpg"},
+                       {"id": 9, "width": 100, "height": 100, "file_name": "b.jpg"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 18, "bbox": A, "area": 1600, "iscrowd": 0},
+                            {"id": 2, "image_id": 9, "category_id": 90, "bbox": [1, 1, 30, 30], "iscrowd": 0}],
+            "categories": [{"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}]}
+    p = tmp_path / "coco.json"
+    p.write_text(json.dumps(data))
+    m = evaluate_detections(str(p), _dets([(7, 18, A, 0.9), (9, 90, [1, 1, 30, 30], 0.8)]))
+    assert m["AP"] == pytest.approx(1.0)
+    # COCO is exhaustive: a dog on image 9 is a false positive for 'dog'
+    m = evaluate_detections(str(p), _dets([(7, 18, A, 0.5), (9, 18, A, 0.9), (9, 90, [1, 1, 30, 30], 0.8)]))
+    assert m["per_class_ap"][18] == pytest.approx(0.5)
+    # contiguous labels map back to category ids
+    m = evaluate_detections(str(p), _dets([(7, 1, A, 0.9), (9, 2, [1, 1, 30, 30], 0.8)]),
+                            label_to_category_id={1: 18, 2: 90})
+    assert m["AP"] == pytest.approx(1.0)
+
+
+def test_bad_inputs_raise(tmp_path):
+    gt = _gt_file(tmp_path / "gt.json", [(1, [], [])], [(1, 1, A)], [_cat(1)])
+    with pytest.raises(ValueError, match="image ids"):
+        evaluate_detections(gt, _dets([(5, 1, A, 1.0)]))
+    with pytest.raises(ValueError, match="category ids"):
+        evaluate_detections(gt, _dets([(1, 7, A, 1.0)]))
+    with pytest.raises(ValueError, match="backend"):
+        evaluate_detections(gt, [], backend="nope")
+
+
+def test_plots_write_png(tmp_path):
+    p1 = plot_ap_vs_instances({1: 0.1, 2: 0.5, 3: -1.0}, {1: 3, 2: 300, 3: 40}, {1: 0.8, 2: 2.1, 3: 1.0},
+                              str(tmp_path / "a.png"), "softmax")
+    runs = {"softmax": {"AP1": 0.0, "AP2": 0.2, "AP3": 0.4, "AP4": -1.0, "APr": 0.01, "APc": 0.2, "APf": 0.4},
+            "bags": {"AP1": 0.1, "AP2": 0.25, "AP3": 0.4, "AP4": -1.0, "APr": 0.1, "APc": 0.25, "APf": 0.39}}
+    p2 = plot_ap_by_bin(runs, str(tmp_path / "sub" / "b.png"))
+    for p in (p1, p2):
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 5000
