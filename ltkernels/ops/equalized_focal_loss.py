@@ -1,2 +1,193 @@
-"""Placeholder: filled in by the equalized_focal_loss work."""
-__all__: list[str] = []
+"""Equalized Focal Loss (SPEC.md section 2) with its per-class gradient statistics collected in the backward kernel.
+
+`EqualizedFocalLoss` keeps the buffers `pos_grad`, `neg_grad` and `pos_neg` (in `state_dict`). Each backward through
+its loss computes dL/dlogits and, in the same pass, the per-class sums of |dL/dlogits| over positive and negative
+targets (the upstream gradient, e.g. a loss weight, included); these per-step sums are all-reduced over the ranks
+of a `torch.distributed` job and added to the buffers, and `pos_neg` is refreshed. No hooks, no host syncs.
+
+NaN or infinite logits give a NaN/inf loss and gradient (visible to the caller, e.g. to a GradScaler or a NaN
+check), but never reach the buffers: a backward whose statistics are not all finite leaves the three buffers
+unchanged (decided on the device, without a sync).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._ext import has_op
+from .._validate import FLOATING, check_labels, check_tensor
+
+__all__ = ["equalized_focal_loss", "EqualizedFocalLoss"]
+
+_OP = "equalized_focal_loss"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _default_normalizer(labels: torch.Tensor) -> torch.Tensor:
+    """max(positives, 1); in a distributed job max(positives summed over ranks / world size, 1). On the device."""
+    num_pos = (labels > 0).sum().to(torch.float32)
+    if _distributed():
+        dist.all_reduce(num_pos)
+        num_pos = num_pos / dist.get_world_size()
+    return num_pos.clamp(min=1.0)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("ltkernels::equalized_focal_loss_accumulate", mutates_args=("pos_grad", "neg_grad", "pos_neg"))
+def _accumulate(pos_grad: torch.Tensor, neg_grad: torch.Tensor, pos_neg: torch.Tensor, pos_step: torch.Tensor,
+                neg_step: torch.Tensor) -> None:
+    """Adds one backward's statistics (summed over ranks in a distributed job) to the buffers; refreshes pos_neg.
+    A step whose statistics are not all finite (NaN/inf logits) is dropped, decided on the device."""
+    dtype = torch.promote_types(pos_grad.dtype, pos_step.dtype)
+    step = torch.stack([pos_step, neg_step]).to(dtype)
+    if _distributed():
+        dist.all_reduce(step)
+    ok = torch.isfinite(step).all()
+    step = torch.where(ok, step, torch.zeros_like(step))
+    pos_grad.add_(step[0].to(pos_grad.dtype))
+    neg_grad.add_(step[1].to(neg_grad.dtype))
+    ratio = torch.clamp(pos_grad / (neg_grad + 1e-10), min=0, max=1).to(pos_neg.dtype)
+    pos_neg.copy_(torch.where(ok, ratio, pos_neg))
+
+
+@_accumulate.register_fake
+def _(pos_grad, neg_grad, pos_neg, pos_step, neg_step):
+    return None
+
+
+if has_op(_OP):
+
+    @torch.library.register_fake("ltkernels::equalized_focal_loss")
+    def _(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad=None, neg_grad=None):
+        return logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+
+    @torch.library.register_fake("ltkernels::equalized_focal_loss_backward")
+    def _(grad_loss, logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index):
+        acc = _acc_dtype(logits.dtype)
+        c = logits.shape[1]
+        return (torch.empty_like(logits, memory_format=torch.contiguous_format), logits.new_empty((c,), dtype=acc),
+                logits.new_empty((c,), dtype=acc))
+
+    def _setup_context(ctx, inputs, output):
+        logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad, neg_grad = inputs
+        # pos_neg is snapshotted: the backward of this very loss (or of another one) may update the buffer before
+        # this backward runs, and the gradient must use the g_j of the forward.
+        ctx.save_for_backward(logits, labels, pos_neg.clone(), normalizer)
+        ctx.params = (gamma_b, scale, alpha, ignore_index)
+        ctx.buffers = (pos_grad, neg_grad, pos_neg) if pos_grad is not None else None
+
+    def _backward(ctx, grad):
+        logits, labels, pos_neg, normalizer = ctx.saved_tensors
+        grad_logits, pos_step, neg_step = torch.ops.ltkernels.equalized_focal_loss_backward(
+            grad, logits, labels, pos_neg, normalizer, *ctx.params)
+        if ctx.buffers is not None:
+            _accumulate(*ctx.buffers, pos_step, neg_step)
+        return grad_logits, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("ltkernels::equalized_focal_loss", _backward, setup_context=_setup_context)
+
+
+def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: torch.Tensor | None = None,
+                         normalizer: float | torch.Tensor | None = None, gamma_b: float = 2.0, scale: float = 8.0,
+                         alpha: float = 0.25, ignore_index: int = -1, pos_grad: torch.Tensor | None = None,
+                         neg_grad: torch.Tensor | None = None, validate: bool | None = None) -> torch.Tensor:
+    """Equalized Focal Loss of `logits [N, C]` against `labels [N]` (0 = background, 1..C, `ignore_index` = ignored).
+
+    loss = sum over non-ignored rows and classes of alpha_t * w_j * (1 - p_t)^gamma_j * (-log p_t) / normalizer,
+    gamma_j = gamma_b + scale * (1 - pos_neg[j]), w_j = gamma_j / gamma_b (SPEC.md section 2). With `scale=0` (or
+    `pos_neg=None`, i.e. all ones) this is sigmoid focal loss with gamma = gamma_b; `alpha < 0` disables alpha_t.
+
+    normalizer: None = max(#rows with label >= 1, 1) computed on the device (in a distributed job: positives summed
+    over ranks / world size, clamped to >= 1); a float or 0-d tensor is used as is.
+    pos_grad, neg_grad (with pos_neg): [C] statistics buffers; when given, backpropagating this loss adds the
+    per-class sums of |dL/dlogits| over positive / negative targets (all-reduced over ranks in a distributed job)
+    and refreshes pos_neg = clamp(pos_grad / (neg_grad + 1e-10), 0, 1), in place. `EqualizedFocalLoss` does this.
+    validate: check that labels are in range first (a host sync on CUDA). Default: on CPU in eager mode; the CPU
+    kernel raises on out-of-range labels anyway, and the CUDA kernel fails with a device-side assertion.
+    Returns a 0-d float32 tensor (float64 for float64 logits).
+    """
+    check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
+    check_tensor("labels", labels, ndim=1, device=logits.device)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got {labels.shape[0]}")
+    n, c = logits.shape
+    if gamma_b < 0 or (scale != 0 and gamma_b <= 0):
+        raise ValueError(f"gamma_b must be > 0 (or >= 0 with scale=0), got {gamma_b}")
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    if validate is None:
+        # the CPU kernel raises on out-of-range labels too, so a compiled graph (no data-dependent check) stays safe
+        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if validate:
+        check_labels("labels", labels, c, ignore_index)
+    elif labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {str(labels.dtype).replace('torch.', '')}")
+    if pos_neg is None:
+        if pos_grad is not None or neg_grad is not None:
+            raise ValueError("pos_grad and neg_grad need pos_neg (the three statistics buffers go together)")
+        pos_neg = torch.ones(c, dtype=torch.float32, device=logits.device)
+    check_tensor("pos_neg", pos_neg, ndim=1, dtypes=FLOATING, device=logits.device)
+    if pos_neg.shape[0] != c:
+        raise ValueError(f"logits have {c} classes but pos_neg has {pos_neg.shape[0]} entries")
+    if (pos_grad is None) != (neg_grad is None):
+        raise ValueError("pass both pos_grad and neg_grad, or neither")
+    if pos_grad is not None:
+        for name, t in (("pos_grad", pos_grad), ("neg_grad", neg_grad)):
+            check_tensor(name, t, ndim=1, dtypes=FLOATING, device=logits.device)
+            if t.shape[0] != c:
+                raise ValueError(f"logits have {c} classes but {name} has {t.shape[0]} entries")
+    if normalizer is None:
+        normalizer = _default_normalizer(labels)
+    elif isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+        normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
+    else:
+        normalizer = torch.tensor(float(normalizer), dtype=torch.float32, device=logits.device)
+    return torch.ops.ltkernels.equalized_focal_loss(logits, labels, pos_neg, normalizer, float(gamma_b),
+                                                    float(scale), float(alpha), int(ignore_index), pos_grad, neg_grad)
+
+
+class EqualizedFocalLoss(nn.Module):
+    """Equalized Focal Loss (CVPR 2022) for one-stage detectors, with its gradient statistics kept in buffers.
+
+    forward(logits [N, C], labels [N], normalizer=None) -> scalar loss; labels 0 = background, 1..C = classes,
+    `ignore_index` = ignored. The buffers `pos_grad`, `neg_grad` (start at 0) and `pos_neg` (starts at 1, i.e.
+    plain focal loss) are updated each time the loss is back-propagated, from the gradient that reaches the logits
+    (an upstream loss weight included); in a `torch.distributed` job the per-step sums are all-reduced first, so
+    every rank holds the same buffers. They are in `state_dict`, so a resumed run continues its statistics.
+    Statistics are float32 (call `.double()` on the module for float64 buffers).
+    """
+
+    def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0, alpha: float = 0.25,
+                 ignore_index: int = -1):
+        super().__init__()
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if gamma_b <= 0:
+            raise ValueError(f"gamma_b must be > 0, got {gamma_b}")
+        if scale < 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        self.num_classes = int(num_classes)
+        self.gamma_b, self.scale, self.alpha, self.ignore_index = float(gamma_b), float(scale), float(alpha), int(ignore_index)
+        self.register_buffer("pos_grad", torch.zeros(self.num_classes))
+        self.register_buffer("neg_grad", torch.zeros(self.num_classes))
+        self.register_buffer("pos_neg", torch.ones(self.num_classes))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, scale={self.scale}, alpha={self.alpha}, "
+                f"ignore_index={self.ignore_index}")
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer=None) -> torch.Tensor:
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} classes but the loss was built for "
+                             f"num_classes={self.num_classes}")
+        return equalized_focal_loss(logits, labels, self.pos_neg, normalizer, self.gamma_b, self.scale, self.alpha,
+                                    self.ignore_index, pos_grad=self.pos_grad, neg_grad=self.neg_grad)

@@ -1,0 +1,331 @@
+// CPU kernels of the Equalized Focal Loss (SPEC.md section 2). Forward: one pass over the logits, partial sums per
+// fixed block of rows, summed in a fixed order (deterministic). Backward: one pass that writes dL/dlogits and
+// accumulates sum |dL/dx| per class into per-chunk [C] partials (double), merged in chunk order. No [N, C]
+// temporary besides the gradient, no one-hot matrix.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "equalized_focal_loss_math.h"
+
+namespace {
+
+using ltk::efl::grad_z;
+using ltk::efl::loss_term;
+
+// ---- float32 fast path ----------------------------------------------------------------------------------------
+// Branch-free float maths that the compiler vectorises (the loops below are compiled twice, for AVX2+FMA and for
+// the baseline ISA, and picked at load time). Accuracy: a few ulp, checked against float64 in the tests. float64
+// logits take the exact <math.h> path above.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LTK_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define LTK_INLINE inline __attribute__((always_inline))
+#else
+#define LTK_CLONES
+#define LTK_INLINE inline
+#endif
+
+// FP exceptions are never inspected: without -ftrapping-math GCC may if-convert and vectorise these loops.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// exp(x) for x <= 0 (clamped below at -87, where the true value is below 2e-38 and every use is negligible).
+LTK_INLINE float fast_exp_neg(float x) {
+  x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: round to nearest by an add and a subtract
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], no cancellation.
+LTK_INLINE float fast_log1p_unit(float e) {
+  const float s = e / (2.0f + e);
+  const float s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+LTK_INLINE float fast_loss_term(float z, float gamma, float aw) {
+  const float e = fast_exp_neg(z < 0.0f ? z : -z);
+  const float l1 = fast_log1p_unit(e);
+  const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
+  const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
+  return aw * fast_exp_neg(-gamma * nlog_qt) * nlog_pt;
+}
+
+LTK_INLINE float fast_grad_z(float z, float gamma, float aw) {
+  const float e = fast_exp_neg(z < 0.0f ? z : -z);
+  const float l1 = fast_log1p_unit(e);
+  const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
+  const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
+  const float r = 1.0f / (1.0f + e);
+  const float er = e * r;
+  const bool nonneg = z >= 0.0f;
+  const float pt = nonneg ? r : er;
+  const float qt = nonneg ? er : r;
+  return -aw * fast_exp_neg(-gamma * nlog_qt) * (gamma * pt * nlog_pt + qt);
+}
+
+// Sum of the loss terms of x[0..m) as negatives (z = -x).
+LTK_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                              const float* __restrict__ aw, int64_t m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) s += fast_loss_term(-x[j], gamma[j], aw[j]);
+  return s;
+}
+
+// dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to acc.
+LTK_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                             const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
+                             double* __restrict__ acc) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    const float v = -fast_grad_z(-x[j], gamma[j], aw[j]) * gscale;
+    g[j] = v;
+    acc[j] += static_cast<double>(__builtin_fabsf(v));
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
+                  const at::Tensor& normalizer, double gamma_b, double scale) {
+  LTK_CHECK_DIM(logits, 2);
+  LTK_CHECK_DIM(labels, 1);
+  LTK_CHECK_DIM(pos_neg, 1);
+  TORCH_CHECK(labels.size(0) == logits.size(0), "labels must have ", logits.size(0), " entries (one per row of ",
+              "logits), got ", labels.size(0));
+  TORCH_CHECK(pos_neg.size(0) == logits.size(1), "pos_neg must have ", logits.size(1), " entries (one per class), got ",
+              pos_neg.size(0));
+  TORCH_CHECK(normalizer.numel() == 1, "normalizer must hold one value, got shape ", normalizer.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "labels must be int64 or int32");
+  TORCH_CHECK(at::isFloatingType(pos_neg.scalar_type()), "pos_neg must be a floating-point tensor");
+  TORCH_CHECK(gamma_b >= 0 && (scale == 0 || gamma_b > 0), "gamma_b must be > 0 (or >= 0 with scale = 0), got ",
+              gamma_b);
+}
+
+// gamma_j and alpha_t * w_j for a positive and a negative target, per class.
+template <typename A>
+struct ClassWeights {
+  std::vector<A> gamma, aw_pos, aw_neg;
+  ClassWeights(const at::Tensor& pos_neg, double gamma_b, double scale, double alpha) {
+    const int64_t c = pos_neg.size(0);
+    auto g = pos_neg.to(at::kDouble).contiguous();
+    const double* gp = g.data_ptr<double>();
+    const double a_pos = alpha >= 0 ? alpha : 1.0, a_neg = alpha >= 0 ? 1.0 - alpha : 1.0;
+    gamma.resize(c);
+    aw_pos.resize(c);
+    aw_neg.resize(c);
+    for (int64_t j = 0; j < c; ++j) {
+      const double gam = gamma_b + scale * (1.0 - gp[j]);
+      const double w = scale == 0 ? 1.0 : gam / gamma_b;
+      gamma[j] = static_cast<A>(gam);
+      aw_pos[j] = static_cast<A>(a_pos * w);
+      aw_neg[j] = static_cast<A>(a_neg * w);
+    }
+  }
+};
+
+template <typename scalar_t, typename A>
+double forward_kernel(const scalar_t* x, const int64_t* lab, int64_t n, int64_t c, const ClassWeights<A>& cw,
+                      int64_t ignore_index) {
+  constexpr int64_t kRows = 32;  // fixed blocks of rows: the summation order does not depend on the thread count
+  const int64_t nblocks = ltk::ceil_div(n, kRows);
+  std::vector<double> partial(nblocks, 0.0);
+  const A* gamma = cw.gamma.data();
+  const A* awn = cw.aw_neg.data();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c);
+    for (int64_t b = b0; b < b1; ++b) {
+      double acc = 0.0;
+      for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
+        const int64_t y = lab[i];
+        if (y == ignore_index) continue;
+        TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
+                    " (ignored), found ", y);
+        const scalar_t* row = x + i * c;
+        const int64_t jp = y - 1;  // the positive column, -1 for background
+        A s = 0;
+        auto negatives = [&](int64_t j0, int64_t j1) {
+          if constexpr (std::is_same_v<A, float>) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              s += neg_loss_f32(row + j0, gamma + j0, awn + j0, j1 - j0);
+            } else {  // float16/bfloat16: widen the row first
+              for (int64_t j = j0; j < j1; ++j) xbuf[j] = static_cast<float>(row[j]);
+              s += neg_loss_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0);
+            }
+          } else {
+            for (int64_t j = j0; j < j1; ++j) s += loss_term<A>(-static_cast<A>(row[j]), gamma[j], awn[j]);
+          }
+        };
+        if (jp >= 0) {
+          negatives(0, jp);
+          s += loss_term<A>(static_cast<A>(row[jp]), gamma[jp], cw.aw_pos[jp]);
+          negatives(jp + 1, c);
+        } else {
+          negatives(0, c);
+        }
+        acc += static_cast<double>(s);
+      }
+      partial[b] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+template <typename scalar_t, typename A>
+void backward_kernel(const scalar_t* x, const int64_t* lab, scalar_t* gx, int64_t n, int64_t c,
+                     const ClassWeights<A>& cw, int64_t ignore_index, A gscale, A* pos_out, A* neg_out) {
+  // Fixed chunking (one chunk per thread at most): each chunk sums its rows in order into its own [2, C] partials,
+  // merged in chunk order, so the statistics are reproducible for a given thread count.
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ltk::ceil_div(n, 64)));
+  std::vector<double> part(static_cast<size_t>(nchunks) * 2 * c, 0.0);
+  const A* gamma = cw.gamma.data();
+  const A* awn = cw.aw_neg.data();
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c), gbuf(std::is_same_v<scalar_t, float> ? 0 : c);
+    for (int64_t k = c0; k < c1; ++k) {
+      double* pos = part.data() + k * 2 * c;
+      double* neg = pos + c;
+      for (int64_t i = n * k / nchunks; i < n * (k + 1) / nchunks; ++i) {
+        const int64_t y = lab[i];
+        scalar_t* grow = gx + i * c;
+        if (y == ignore_index) {
+          std::fill(grow, grow + c, scalar_t(0));
+          continue;
+        }
+        TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
+                    " (ignored), found ", y);
+        const scalar_t* row = x + i * c;
+        const int64_t jp = y - 1;
+        auto negatives = [&](int64_t j0, int64_t j1) {  // dz/dx = -1
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            neg_grad_f32(row + j0, gamma + j0, awn + j0, j1 - j0, gscale, grow + j0, neg + j0);
+          } else if constexpr (std::is_same_v<A, float>) {  // float16/bfloat16 through float row buffers
+            for (int64_t j = j0; j < j1; ++j) xbuf[j] = static_cast<float>(row[j]);
+            neg_grad_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0, gscale, gbuf.data() + j0, neg + j0);
+            for (int64_t j = j0; j < j1; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
+          } else {
+            for (int64_t j = j0; j < j1; ++j) {
+              const A g = -grad_z<A>(-static_cast<A>(row[j]), gamma[j], awn[j]) * gscale;
+              grow[j] = static_cast<scalar_t>(g);
+              neg[j] += static_cast<double>(std::abs(g));
+            }
+          }
+        };
+        if (jp >= 0) {
+          negatives(0, jp);
+          const A g = grad_z<A>(static_cast<A>(row[jp]), gamma[jp], cw.aw_pos[jp]) * gscale;  // dz/dx = +1
+          grow[jp] = static_cast<scalar_t>(g);
+          pos[jp] += static_cast<double>(std::abs(g));
+          negatives(jp + 1, c);
+        } else {
+          negatives(0, c);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, c, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      double p = 0, q = 0;
+      for (int64_t k = 0; k < nchunks; ++k) {
+        p += part[k * 2 * c + j];
+        q += part[k * 2 * c + c + j];
+      }
+      pos_out[j] = static_cast<A>(p);
+      neg_out[j] = static_cast<A>(q);
+    }
+  });
+}
+
+at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor efl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
+                           const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
+                           int64_t ignore_index, const std::optional<at::Tensor>& pos_grad,
+                           const std::optional<at::Tensor>& neg_grad) {
+  LTK_CHECK_CPU(logits);
+  LTK_CHECK_CPU(labels);
+  check_inputs(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  const int64_t n = logits.size(0), c = logits.size(1);
+  auto x = logits.contiguous();
+  auto lab = labels.to(at::kLong).contiguous();
+  const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
+  double total = 0.0;
+  LTK_DISPATCH_FLOATING(x.scalar_type(), "equalized_focal_loss_cpu", [&] {
+    using A = ltk::acc_t<scalar_t>;
+    if (n > 0 && c > 0) {
+      ClassWeights<A> cw(pos_neg, gamma_b, scale, alpha);
+      total = forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), n, c, cw,
+                                          ignore_index);
+    }
+  });
+  return at::scalar_tensor(total / norm, logits.options().dtype(acc_dtype(logits)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                                const at::Tensor& labels, const at::Tensor& pos_neg,
+                                                                const at::Tensor& normalizer, double gamma_b,
+                                                                double scale, double alpha, int64_t ignore_index) {
+  LTK_CHECK_CPU(logits);
+  LTK_CHECK_CPU(labels);
+  check_inputs(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  const int64_t n = logits.size(0), c = logits.size(1);
+  auto x = logits.contiguous();
+  auto lab = labels.to(at::kLong).contiguous();
+  const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
+  const double g0 = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
+  auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto pos = at::zeros({c}, logits.options().dtype(acc_dtype(logits)));
+  auto neg = at::zeros({c}, logits.options().dtype(acc_dtype(logits)));
+  LTK_DISPATCH_FLOATING(x.scalar_type(), "equalized_focal_loss_backward_cpu", [&] {
+    using A = ltk::acc_t<scalar_t>;
+    if (n > 0 && c > 0) {
+      ClassWeights<A> cw(pos_neg, gamma_b, scale, alpha);
+      backward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+                                   grad.data_ptr<scalar_t>(), n, c, cw, ignore_index, static_cast<A>(g0 / norm),
+                                   pos.data_ptr<A>(), neg.data_ptr<A>());
+    }
+  });
+  return {grad, pos, neg};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
+  m.impl("equalized_focal_loss", &efl_forward_cpu);
+  m.impl("equalized_focal_loss_backward", &efl_backward_cpu);
+}
