@@ -1,0 +1,366 @@
+// CPU kernels of the NMS family (schemas in csrc/nms.cpp).
+//
+// Exactness: the IoU of two boxes is computed exactly as torchvision's CPU kernel does it, in the input's type
+// (float32 / float64; float16 / bfloat16 are upcast to float32 and then behave like float32 inputs):
+//   area = (x2 - x1) * (y2 - y1), w = max(0, min(x2) - max(x1)), h likewise, inter = w * h,
+//   iou = inter / (area_i + area_j - inter), suppressed iff (double)iou > iou_threshold.
+// That comparison is done in the compute type against the largest compute-type value <= iou_threshold, which is
+// equivalent. The file is built without FMA contraction (no -march flags), like torchvision's wheels.
+//
+// Order: candidates are walked in decreasing score, ties broken by the lower index (a stable descending sort).
+// Greedy NMS keeps a box iff no earlier kept box of its class overlaps it, so a walk in that order that tests each
+// candidate against the kept boxes of its class gives the same keep set as torchvision's suppression loop.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "common.h"
+
+namespace {
+
+// The type the IoU is computed in: the input's own for float/double (as torchvision's CPU kernel), float otherwise.
+template <typename T>
+struct calc {
+  using type = float;
+};
+template <>
+struct calc<double> {
+  using type = double;
+};
+template <typename T>
+using calc_t = typename calc<T>::type;
+
+// The largest C value <= thr: for a C value v, v > thr (compared in double) iff v > threshold_below(thr).
+template <typename C>
+C threshold_below(double thr) {
+  if constexpr (std::is_same_v<C, double>) {
+    return thr;
+  } else {
+    C t = static_cast<C>(thr);
+    if (static_cast<double>(t) > thr) t = std::nextafter(t, -std::numeric_limits<C>::infinity());
+    return t;
+  }
+}
+
+template <typename C>
+struct KeptBoxes {  // structure of arrays of the boxes kept so far (of one class)
+  std::vector<C> x1, y1, x2, y2, area;
+  void push(C a, C b, C c, C d, C ar) {
+    x1.push_back(a), y1.push_back(b), x2.push_back(c), y2.push_back(d), area.push_back(ar);
+  }
+  size_t size() const { return x1.size(); }
+  void clear() { x1.clear(), y1.clear(), x2.clear(), y2.clear(), area.clear(); }
+};
+
+// std::max / std::min spelled out (the same expressions) so that GCC vectorises them exactly (maxps / minps).
+template <typename C>
+inline C max_(C a, C b) { return (a < b) ? b : a; }
+template <typename C>
+inline C min_(C a, C b) { return (b < a) ? b : a; }
+
+// Whether the box (bx1, by1, bx2, by2, barea) overlaps any kept box with IoU > threshold.
+template <typename C>
+inline bool overlaps_any(const KeptBoxes<C>& kept, C bx1, C by1, C bx2, C by2, C barea, C thr) {
+  const size_t n = kept.size();
+  const C* __restrict__ kx1 = kept.x1.data();
+  const C* __restrict__ ky1 = kept.y1.data();
+  const C* __restrict__ kx2 = kept.x2.data();
+  const C* __restrict__ ky2 = kept.y2.data();
+  const C* __restrict__ ka = kept.area.data();
+  constexpr size_t kBlock = 16;  // branch-free blocks the compiler vectorises, an early exit between blocks
+  size_t k = 0;
+  for (; k + kBlock <= n; k += kBlock) {
+    int hit = 0;
+    for (size_t u = 0; u < kBlock; ++u) {
+      const C w = max_(C(0), min_(kx2[k + u], bx2) - max_(kx1[k + u], bx1));
+      const C h = max_(C(0), min_(ky2[k + u], by2) - max_(ky1[k + u], by1));
+      const C inter = w * h;
+      const C iou = inter / (ka[k + u] + barea - inter);
+      hit |= (iou > thr) ? 1 : 0;
+    }
+    if (hit) return true;
+  }
+  for (; k < n; ++k) {
+    const C w = max_(C(0), min_(kx2[k], bx2) - max_(kx1[k], bx1));
+    const C h = max_(C(0), min_(ky2[k], by2) - max_(ky1[k], by1));
+    const C inter = w * h;
+    const C iou = inter / (ka[k] + barea - inter);
+    if (iou > thr) return true;
+  }
+  return false;
+}
+
+// Non-finite boxes or NaN scores are rejected (ValueError in Python), in one parallel pass.
+template <typename T>
+void check_values(const T* p, int64_t n, bool allow_inf, const char* what) {
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    bool b = false;
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = static_cast<float>(p[i]);
+      b |= allow_inf ? std::isnan(v) : !std::isfinite(v);
+    }
+    if (b) bad = true;
+  });
+  TORCH_CHECK_VALUE(!bad.load(), what, allow_inf ? " contains NaN values" : " contains NaN or infinite values");
+}
+template <>
+void check_values<double>(const double* p, int64_t n, bool allow_inf, const char* what) {
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    bool b = false;
+    for (int64_t i = begin; i < end; ++i) b |= allow_inf ? std::isnan(p[i]) : !std::isfinite(p[i]);
+    if (b) bad = true;
+  });
+  TORCH_CHECK_VALUE(!bad.load(), what, allow_inf ? " contains NaN values" : " contains NaN or infinite values");
+}
+
+void check_boxes_scores(const at::Tensor& boxes, const at::Tensor& scores) {
+  LTK_CHECK_CPU(boxes);
+  LTK_CHECK_CPU(scores);
+  LTK_CHECK_DIM(boxes, 2);
+  TORCH_CHECK(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.sizes());
+  LTK_CHECK_DIM(scores, 1);
+  TORCH_CHECK(boxes.size(0) == scores.size(0), "boxes and scores must have the same length, got ", boxes.size(0),
+              " and ", scores.size(0));
+  TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "boxes and scores must have the same dtype, got ",
+              boxes.scalar_type(), " and ", scores.scalar_type());
+}
+
+// Greedy NMS of the candidates `order` (already in walk order) of one class; appends kept ones to `out`.
+template <typename T>
+void greedy(const T* b, const int64_t* order, int64_t n, calc_t<T> thr, KeptBoxes<calc_t<T>>& kept,
+            std::vector<int64_t>& out) {
+  using C = calc_t<T>;
+  kept.clear();
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t i = order[t];
+    const C x1 = static_cast<C>(b[4 * i]), y1 = static_cast<C>(b[4 * i + 1]);
+    const C x2 = static_cast<C>(b[4 * i + 2]), y2 = static_cast<C>(b[4 * i + 3]);
+    const C area = (x2 - x1) * (y2 - y1);
+    if (!overlaps_any(kept, x1, y1, x2, y2, area, thr)) {
+      kept.push(x1, y1, x2, y2, area);
+      out.push_back(i);
+    }
+  }
+}
+
+at::Tensor nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in, double iou_threshold) {
+  check_boxes_scores(boxes_in, scores_in);
+  const int64_t n = boxes_in.size(0);
+  if (n == 0) return at::empty({0}, boxes_in.options().dtype(at::kLong));
+  const auto boxes = boxes_in.contiguous();
+  const auto scores = scores_in.contiguous();
+  std::vector<int64_t> keep;
+  LTK_DISPATCH_FLOATING(boxes.scalar_type(), "ltkernels_nms_cpu", [&] {
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    check_values(boxes.data_ptr<scalar_t>(), 4 * n, false, "boxes");
+    check_values(s, n, true, "scores");
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(), [s](int64_t a, int64_t b) { return s[a] > s[b]; });
+    KeptBoxes<calc_t<scalar_t>> kept;
+    greedy<scalar_t>(boxes.data_ptr<scalar_t>(), order.data(), n, threshold_below<calc_t<scalar_t>>(iou_threshold),
+                     kept, keep);
+  });
+  auto out = at::empty({static_cast<int64_t>(keep.size())}, boxes_in.options().dtype(at::kLong));
+  std::copy(keep.begin(), keep.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor& idxs_in,
+                           double iou_threshold) {
+  check_boxes_scores(boxes_in, scores_in);
+  LTK_CHECK_CPU(idxs_in);
+  LTK_CHECK_DIM(idxs_in, 1);
+  TORCH_CHECK(idxs_in.size(0) == boxes_in.size(0), "idxs must have one entry per box, got ", idxs_in.size(0),
+              " for ", boxes_in.size(0), " boxes");
+  TORCH_CHECK(!at::isFloatingType(idxs_in.scalar_type()) && idxs_in.scalar_type() != at::kBool,
+              "idxs must be an integer tensor, got ", idxs_in.scalar_type());
+  const int64_t n = boxes_in.size(0);
+  if (n == 0) return at::empty({0}, boxes_in.options().dtype(at::kLong));
+  const auto boxes = boxes_in.contiguous();
+  const auto scores = scores_in.contiguous();
+  const auto idxs_t = idxs_in.to(at::kLong).contiguous();
+  const int64_t* idxs = idxs_t.data_ptr<int64_t>();
+  auto keep_flag = std::vector<uint8_t>(n, 0);
+  int64_t num_kept = 0;
+  auto out_full = at::empty({n}, boxes_in.options().dtype(at::kLong));
+  LTK_DISPATCH_FLOATING(boxes.scalar_type(), "ltkernels_batched_nms_cpu", [&] {
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    const scalar_t* b = boxes.data_ptr<scalar_t>();
+    check_values(b, 4 * n, false, "boxes");
+    check_values(s, n, true, "scores");
+    // Global walk order: decreasing score, ties by lower index.
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(), [s](int64_t a, int64_t c) { return s[a] > s[c]; });
+    // Segment by class keeping the walk order inside each class: a stable sort of the walk order by class.
+    std::vector<int64_t> by_class(order);
+    std::stable_sort(by_class.begin(), by_class.end(), [idxs](int64_t a, int64_t c) { return idxs[a] < idxs[c]; });
+    std::vector<int64_t> seg_start{0};
+    for (int64_t t = 1; t < n; ++t)
+      if (idxs[by_class[t]] != idxs[by_class[t - 1]]) seg_start.push_back(t);
+    seg_start.push_back(n);
+    const int64_t num_seg = static_cast<int64_t>(seg_start.size()) - 1;
+    const auto thr = threshold_below<calc_t<scalar_t>>(iou_threshold);
+    // Classes are independent: greedy NMS per segment in parallel.
+    at::parallel_for(0, num_seg, 1, [&](int64_t begin, int64_t end) {
+      KeptBoxes<calc_t<scalar_t>> kept;
+      std::vector<int64_t> local;
+      for (int64_t g = begin; g < end; ++g) {
+        local.clear();
+        greedy<scalar_t>(b, by_class.data() + seg_start[g], seg_start[g + 1] - seg_start[g], thr, kept, local);
+        for (int64_t i : local) keep_flag[i] = 1;
+      }
+    });
+    int64_t* o = out_full.data_ptr<int64_t>();
+    for (int64_t t = 0; t < n; ++t)
+      if (keep_flag[order[t]]) o[num_kept++] = order[t];
+  });
+  return out_full.narrow(0, 0, num_kept).clone();
+}
+
+// ---- multi-class NMS ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct Detection {
+  int64_t flat;
+  T score;
+};
+
+// One image: candidates (row, class) with score > score_thr among `rows`, then the walk in decreasing score
+// (ties by lower flat index row * C + class, i.e. the reference's candidate order) with per-class kept lists,
+// stopping at max_per_image kept. Candidates are sorted lazily: the best chunk first (nth_element + sort), the
+// next chunk only if the walk needs it.
+template <typename T>
+void multiclass_image(const T* boxes, bool class_specific, const T* scores, int64_t C, const std::vector<int64_t>& rows,
+                      T score_thr, calc_t<T> iou_thr, int64_t max_per_image, std::vector<Detection<T>>& out) {
+  using Cc = calc_t<T>;
+  struct Key {
+    T score;
+    int64_t flat;
+  };
+  std::vector<Key> cand;
+  for (int64_t r : rows) {
+    const T* srow = scores + r * C;
+    for (int64_t c = 0; c < C; ++c)
+      if (srow[c] > score_thr) cand.push_back({srow[c], r * C + c});
+  }
+  const auto better = [](const Key& a, const Key& b) {
+    return a.score > b.score || (!(b.score > a.score) && a.flat < b.flat);
+  };
+  std::vector<KeptBoxes<Cc>> kept(C);
+  const int64_t m = static_cast<int64_t>(cand.size());
+  const int64_t limit = max_per_image < 0 ? std::numeric_limits<int64_t>::max() : max_per_image;
+  int64_t start = 0;
+  int64_t chunk = std::max<int64_t>(1024, 4 * std::min<int64_t>(limit, int64_t(1) << 20));
+  int64_t num_kept = 0;
+  while (start < m && num_kept < limit) {
+    const int64_t stop = std::min(m, start + chunk);
+    if (stop < m) std::nth_element(cand.begin() + start, cand.begin() + stop, cand.end(), better);
+    std::sort(cand.begin() + start, cand.begin() + stop, better);
+    for (int64_t t = start; t < stop && num_kept < limit; ++t) {
+      const int64_t flat = cand[t].flat;
+      const int64_t r = flat / C, c = flat - r * C;
+      const T* bx = class_specific ? boxes + flat * 4 : boxes + r * 4;
+      const Cc x1 = static_cast<Cc>(bx[0]), y1 = static_cast<Cc>(bx[1]);
+      const Cc x2 = static_cast<Cc>(bx[2]), y2 = static_cast<Cc>(bx[3]);
+      const Cc area = (x2 - x1) * (y2 - y1);
+      if (!overlaps_any(kept[c], x1, y1, x2, y2, area, iou_thr)) {
+        kept[c].push(x1, y1, x2, y2, area);
+        out.push_back({flat, cand[t].score});
+        ++num_kept;
+      }
+    }
+    start = stop;
+    chunk *= 2;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms_cpu(
+    const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor& image_index_in, int64_t num_images,
+    double score_threshold, double iou_threshold, int64_t max_per_image) {
+  LTK_CHECK_CPU(boxes_in);
+  LTK_CHECK_CPU(scores_in);
+  LTK_CHECK_CPU(image_index_in);
+  LTK_CHECK_DIM(scores_in, 2);
+  const int64_t n = scores_in.size(0), C = scores_in.size(1);
+  const bool class_specific = boxes_in.dim() == 3;
+  TORCH_CHECK((boxes_in.dim() == 2 && boxes_in.size(0) == n && boxes_in.size(1) == 4) ||
+                  (class_specific && boxes_in.size(0) == n && boxes_in.size(1) == C && boxes_in.size(2) == 4),
+              "boxes must have shape [N, 4] or [N, C, 4] for scores of shape [N, C] = ", scores_in.sizes(),
+              ", got ", boxes_in.sizes());
+  TORCH_CHECK(boxes_in.scalar_type() == scores_in.scalar_type(), "boxes and scores must have the same dtype");
+  TORCH_CHECK(image_index_in.scalar_type() == at::kLong && image_index_in.dim() == 1 &&
+                  image_index_in.size(0) == n,
+              "image_index must be an int64 tensor of shape [N]");
+  TORCH_CHECK(num_images >= 0, "num_images must be >= 0");
+  const auto boxes = boxes_in.contiguous();
+  const auto scores = scores_in.contiguous();
+  const auto image_index = image_index_in.contiguous();
+  const int64_t* img = image_index.data_ptr<int64_t>();
+  // Rows of each image, in increasing row order.
+  std::vector<std::vector<int64_t>> rows(num_images);
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(img[r] >= 0 && img[r] < num_images, "image_index must lie in [0, num_images), got ", img[r]);
+    rows[img[r]].push_back(r);
+  }
+  at::Tensor out_boxes, out_scores, out_labels, out_rows, out_images;
+  LTK_DISPATCH_FLOATING(scores.scalar_type(), "ltkernels_multiclass_nms_cpu", [&] {
+    std::vector<std::vector<Detection<scalar_t>>> dets(num_images);
+    const scalar_t* b = boxes.data_ptr<scalar_t>();
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    check_values(b, boxes.numel(), false, "boxes");
+    check_values(s, scores.numel(), true, "scores");
+    // The reference compares scores > score_threshold in the scores' dtype (torch casts the Python float).
+    const scalar_t sthr = static_cast<scalar_t>(score_threshold);
+    const auto ithr = threshold_below<calc_t<scalar_t>>(iou_threshold);
+    at::parallel_for(0, num_images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        multiclass_image<scalar_t>(b, class_specific, s, C, rows[i], sthr, ithr, max_per_image, dets[i]);
+    });
+    std::vector<int64_t> offset(num_images + 1, 0);
+    for (int64_t i = 0; i < num_images; ++i) offset[i + 1] = offset[i] + static_cast<int64_t>(dets[i].size());
+    const int64_t total = offset[num_images];
+    out_boxes = at::empty({total, 4}, boxes.options());
+    out_scores = at::empty({total}, scores.options());
+    out_labels = at::empty({total}, scores.options().dtype(at::kLong));
+    out_rows = at::empty({total}, scores.options().dtype(at::kLong));
+    out_images = at::empty({total}, scores.options().dtype(at::kLong));
+    scalar_t* ob = out_boxes.data_ptr<scalar_t>();
+    scalar_t* os = out_scores.data_ptr<scalar_t>();
+    int64_t* ol = out_labels.data_ptr<int64_t>();
+    int64_t* orow = out_rows.data_ptr<int64_t>();
+    int64_t* oimg = out_images.data_ptr<int64_t>();
+    for (int64_t i = 0; i < num_images; ++i) {
+      for (int64_t k = 0; k < static_cast<int64_t>(dets[i].size()); ++k) {
+        const int64_t o = offset[i] + k;
+        const int64_t flat = dets[i][k].flat;
+        const int64_t r = flat / C;
+        const scalar_t* bx = class_specific ? b + flat * 4 : b + r * 4;
+        for (int q = 0; q < 4; ++q) ob[4 * o + q] = bx[q];
+        os[o] = dets[i][k].score;
+        ol[o] = flat - r * C + 1;
+        orow[o] = r;
+        oimg[o] = i;
+      }
+    }
+  });
+  return {out_boxes, out_scores, out_labels, out_rows, out_images};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
+  m.impl("nms", &nms_cpu);
+  m.impl("batched_nms", &batched_nms_cpu);
+  m.impl("multiclass_nms", &multiclass_nms_cpu);
+}
