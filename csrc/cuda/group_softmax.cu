@@ -1,0 +1,232 @@
+// Balanced Group Softmax: CUDA kernels.
+//
+// group_softmax_loss: one block per row. For every group (a contiguous column range) each thread keeps an online
+// (max, sum of exp) pair over its strided columns, one block reduction merges the pairs, and a second sweep over the
+// group's columns (L1/L2-resident by then) writes weight * (softmax - onehot). A (row, group) with weight 0 only
+// writes zeros. The per-row loss goes to a [N] buffer summed afterwards (deterministic). The logits are read from
+// global memory once and the gradient written once; nothing is synchronised with the host.
+// group_softmax_scores: one block per row; the per-group log-sum-exps go to shared memory, then the [C + 1] output
+// row is written coalesced, gathering each label's column.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "common.h"
+
+namespace {
+
+constexpr int kThreads = 128;  // multiple of 32; the block reductions below assume it
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename T>
+struct MaxSum {
+  T m;  // running max
+  T s;  // sum of exp(x - m)
+};
+
+template <typename T>
+__device__ __forceinline__ MaxSum<T> merge(MaxSum<T> a, MaxSum<T> b) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (a.m == ninf) return b;
+  if (b.m == ninf) return a;
+  const T m = a.m > b.m ? a.m : b.m;
+  return {m, a.s * exp_acc(a.m - m) + b.s * exp_acc(b.m - m)};
+}
+
+template <typename T>
+__device__ __forceinline__ MaxSum<T> push(MaxSum<T> v, T x) {
+  if (x > v.m) {
+    v.s = v.s * exp_acc(v.m - x) + T(1);  // v.m == -inf: exp(-inf) = 0
+    v.m = x;
+  } else {
+    v.s += exp_acc(x - v.m);
+  }
+  return v;
+}
+
+// Block-wide merge of every thread's pair; every thread gets the result. `shared` holds >= 32 pairs.
+template <typename T>
+__device__ __forceinline__ MaxSum<T> block_merge(MaxSum<T> v, MaxSum<T>* shared) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSum<T> other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+    v = merge(v, other);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();  // the previous call's readers are done with shared[]
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? shared[lane] : MaxSum<T>{-std::numeric_limits<T>::infinity(), T(0)};
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      MaxSum<T> other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+      v = merge(v, other);
+    }
+    if (lane == 0) shared[32] = v;
+  }
+  __syncthreads();
+  return shared[32];
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) group_softmax_loss_kernel(
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, const bool* __restrict__ selected,
+    const acc_t* __restrict__ scale, const int64_t* __restrict__ label_targets, const int64_t* __restrict__ offsets,
+    int64_t N, int64_t K, int G1, scalar_t* __restrict__ grad, acc_t* __restrict__ row_loss) {
+  __shared__ MaxSum<acc_t> shared[33];
+  const int64_t i = blockIdx.x;
+  const scalar_t* xi = x + i * K;
+  scalar_t* gi = grad + i * K;
+  const int64_t* tgt = label_targets + labels[i] * G1;
+  acc_t loss = acc_t(0);
+  for (int k = 0; k < G1; ++k) {
+    const int64_t s = offsets[k], e = offsets[k + 1];
+    const acc_t wk = selected[k * N + i] ? scale[k] : acc_t(0);  // the same for the whole block: uniform branch
+    if (wk == acc_t(0)) {
+      for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) gi[j] = static_cast<scalar_t>(0);
+      continue;
+    }
+    MaxSum<acc_t> v{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+    for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) v = push(v, static_cast<acc_t>(xi[j]));
+    v = block_merge(v, shared);
+    const acc_t scale = wk / v.s;
+    const int64_t t = s + tgt[k];
+    for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) {
+      acc_t p = exp_acc(static_cast<acc_t>(xi[j]) - v.m) * scale;
+      if (j == t) p -= wk;
+      gi[j] = static_cast<scalar_t>(p);
+    }
+    if (threadIdx.x == 0) loss += wk * (v.m + log_acc(v.s) - static_cast<acc_t>(xi[t]));
+  }
+  if (threadIdx.x == 0) row_loss[i] = loss;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) group_softmax_scores_kernel(
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ offsets, const int64_t* __restrict__ label_group,
+    const int64_t* __restrict__ score_column, int64_t K, int G1, int64_t C1, scalar_t* __restrict__ out) {
+  __shared__ MaxSum<acc_t> shared[33];
+  extern __shared__ unsigned char lse_raw[];
+  acc_t* lse = reinterpret_cast<acc_t*>(lse_raw);  // [G1]
+  const int64_t i = blockIdx.x;
+  const scalar_t* xi = x + i * K;
+  for (int k = 0; k < G1; ++k) {
+    MaxSum<acc_t> v{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+    for (int64_t j = offsets[k] + threadIdx.x; j < offsets[k + 1]; j += blockDim.x)
+      v = push(v, static_cast<acc_t>(xi[j]));
+    v = block_merge(v, shared);
+    if (threadIdx.x == 0) lse[k] = v.m + log_acc(v.s);
+  }
+  __syncthreads();
+  const acc_t fg = exp_acc(static_cast<acc_t>(xi[1]) - lse[0]);
+  scalar_t* oi = out + i * C1;
+  for (int64_t c = threadIdx.x; c < C1; c += blockDim.x) {
+    const acc_t p = exp_acc(static_cast<acc_t>(xi[score_column[c]]) - lse[label_group[c]]);
+    oi[c] = static_cast<scalar_t>(c == 0 ? p : p * fg);
+  }
+}
+
+void check_common(const at::Tensor& logits, const at::Tensor& group_offsets) {
+  LTK_CHECK_CUDA(logits);
+  LTK_CHECK_CUDA(group_offsets);
+  LTK_CHECK_DIM(logits, 2);
+  TORCH_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 2, "group_offsets must be 1-D with >= 2 entries");
+  TORCH_CHECK(group_offsets.scalar_type() == at::kLong, "group_offsets must be int64");
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), "too many rows: ", logits.size(0));
+  TORCH_CHECK(group_offsets.size(0) <= 4096, "too many groups: ", group_offsets.size(0) - 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cuda(const at::Tensor& logits_, const at::Tensor& labels_,
+                                                           const at::Tensor& selected_, const at::Tensor& scale_,
+                                                           const at::Tensor& label_targets_,
+                                                           const at::Tensor& group_offsets_) {
+  check_common(logits_, group_offsets_);
+  LTK_CHECK_CUDA(labels_);
+  LTK_CHECK_CUDA(selected_);
+  LTK_CHECK_CUDA(scale_);
+  LTK_CHECK_CUDA(label_targets_);
+  LTK_CHECK_DIM(labels_, 1);
+  LTK_CHECK_DIM(selected_, 2);
+  LTK_CHECK_DIM(scale_, 1);
+  LTK_CHECK_DIM(label_targets_, 2);
+  for (const at::Tensor* t : {&labels_, &selected_, &scale_, &label_targets_, &group_offsets_})
+    TORCH_CHECK(t->device() == logits_.device(), "all inputs must be on ", logits_.device(), ", got ", t->device());
+  c10::cuda::CUDAGuard guard(logits_.device());
+  const int64_t N = logits_.size(0), K = logits_.size(1);
+  const int64_t G1 = group_offsets_.size(0) - 1;
+  TORCH_CHECK(labels_.size(0) == N && labels_.scalar_type() == at::kLong, "labels must be int64 [N] = [", N, "]");
+  TORCH_CHECK(selected_.size(0) == G1 && selected_.size(1) == N && selected_.scalar_type() == at::kBool,
+              "selected must be bool [G + 1, N] = [", G1, ", ", N, "], got ", selected_.sizes());
+  const auto acc_type = logits_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale_.size(0) == G1 && scale_.scalar_type() == acc_type, "scale must be ", acc_type, " [G + 1] = [",
+              G1, "] for ", logits_.scalar_type(), " logits");
+  TORCH_CHECK(label_targets_.size(1) == G1 && label_targets_.scalar_type() == at::kLong,
+              "label_targets must be int64 [C + 1, G + 1]");
+  // Label ranges and the layout are validated by the Python caller (no host sync here).
+  const auto logits = logits_.contiguous();
+  const auto labels = labels_.contiguous();
+  const auto selected = selected_.contiguous();
+  const auto scale = scale_.contiguous();
+  const auto label_targets = label_targets_.contiguous();
+  const auto offsets = group_offsets_.contiguous();
+  auto grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  auto row_loss = at::empty({N}, logits.options().dtype(acc_type));
+  if (N > 0 && K > 0) {
+    auto stream = at::cuda::getCurrentCUDAStream();
+    LTK_DISPATCH_FLOATING(logits.scalar_type(), "group_softmax_loss_cuda", [&] {
+      using acc_t = ltk::acc_t<scalar_t>;
+      group_softmax_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), selected.data_ptr<bool>(),
+          scale.data_ptr<acc_t>(), label_targets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), N, K,
+          static_cast<int>(G1), grad.data_ptr<scalar_t>(), row_loss.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {row_loss.sum().to(logits.scalar_type()), grad};
+}
+
+at::Tensor group_softmax_scores_cuda(const at::Tensor& logits_, const at::Tensor& group_offsets_,
+                                     const at::Tensor& label_group_, const at::Tensor& score_column_) {
+  check_common(logits_, group_offsets_);
+  LTK_CHECK_CUDA(label_group_);
+  LTK_CHECK_CUDA(score_column_);
+  LTK_CHECK_DIM(label_group_, 1);
+  LTK_CHECK_DIM(score_column_, 1);
+  TORCH_CHECK(label_group_.size(0) == score_column_.size(0), "label_group and score_column must have C + 1 entries");
+  TORCH_CHECK(label_group_.scalar_type() == at::kLong && score_column_.scalar_type() == at::kLong,
+              "label_group and score_column must be int64");
+  c10::cuda::CUDAGuard guard(logits_.device());
+  const int64_t N = logits_.size(0), K = logits_.size(1), C1 = score_column_.size(0);
+  const int64_t G1 = group_offsets_.size(0) - 1;
+  const auto logits = logits_.contiguous();
+  const auto offsets = group_offsets_.contiguous();
+  const auto label_group = label_group_.contiguous();
+  const auto score_column = score_column_.contiguous();
+  auto out = at::empty({N, C1}, logits.options());
+  if (N > 0 && K > 0 && C1 > 0) {
+    auto stream = at::cuda::getCurrentCUDAStream();
+    LTK_DISPATCH_FLOATING(logits.scalar_type(), "group_softmax_scores_cuda", [&] {
+      using acc_t = ltk::acc_t<scalar_t>;
+      group_softmax_scores_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kThreads, G1 * sizeof(acc_t), stream>>>(
+          logits.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), label_group.data_ptr<int64_t>(),
+          score_column.data_ptr<int64_t>(), K, static_cast<int>(G1), C1, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ltkernels, CUDA, m) {
+  m.impl("group_softmax_loss", &group_softmax_loss_cuda);
+  m.impl("group_softmax_scores", &group_softmax_scores_cuda);
+}
