@@ -1,0 +1,155 @@
+"""`ltk`: the command line of ltkernels' detectors.
+
+  ltk demo [--out DIR] [--quick] [--device auto|cpu|cuda]       the main job (synthetic long-tail benchmark)
+  ltk data synth --out DIR [--num-classes N] [--seed S] ...       write the synthetic LVIS-format set
+  ltk train --config NAME|FILE.json --ann TRAIN.json --images DIR [--val-ann VAL.json] --out DIR
+            [--base CKPT] [--resume CKPT] [--max-iter N] [--batch-size B] [--lr LR] [--set key=value ...]
+  ltk eval --checkpoint CKPT --ann VAL.json --images DIR [--out DIR]
+  ltk bench [...]                                                 the kernel benchmarks
+  ltk configs                                                     list the named configs
+
+`ltk train` runs under torchrun as well: `torchrun --nproc_per_node=8 -m ltkernels.models.cli train ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a detector (single process or under torchrun)")
+    p.add_argument("--config", default="two_stage_softmax",
+                   help="a named config (see `ltk configs`) or a JSON file with the same layout")
+    p.add_argument("--ann", required=True, help="training annotations (LVIS v0.5/v1 JSON)")
+    p.add_argument("--images", required=True, help="image root of the training annotations")
+    p.add_argument("--val-ann", help="validation annotations: evaluated at the end")
+    p.add_argument("--val-images", help="image root of the validation set (default: --images)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, train_log.json, metrics.json)")
+    p.add_argument("--base", help="checkpoint of a trained baseline (the BAGS / SimCal second stage)")
+    p.add_argument("--resume", help="checkpoint to resume from exactly")
+    p.add_argument("--max-iter", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process and iteration")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
+    p.add_argument("--pretrained-backbone", help="path to an ImageNet resnet50 state_dict")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set model.efl_scale=4 (repeatable)")
+
+
+def cmd_train(args) -> int:
+    from .configs import get_config, set_value
+    from .engine import distributed as du
+    from .engine.trainer import train
+
+    cfg = get_config(args.config)
+    for flag, key in (("max_iter", "solver.max_iter"), ("batch_size", "solver.batch_size"), ("lr", "solver.lr"),
+                      ("ckpt_every", "train.ckpt_every"), ("seed", "train.seed"), ("workers", "train.workers"),
+                      ("pretrained_backbone", "model.pretrained_backbone")):
+        value = getattr(args, flag)
+        if value is not None:
+            set_value(cfg, key, json.dumps(value))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        set_value(cfg, key, value)
+    if args.no_eval:
+        cfg["train"]["eval"] = False
+    res = train(cfg, args.ann, args.images, args.out, val_ann=args.val_ann, val_images=args.val_images,
+                resume=args.resume, base=args.base, device=args.device)
+    if du.is_main():
+        print(f"checkpoint: {res['checkpoint']}  ({res['train_time']:.0f}s training)")
+        if res["metrics"]:
+            _print_metrics(res["metrics"])
+    du.cleanup()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .engine.checkpoint import load_checkpoint
+    from .engine.trainer import build_from_checkpoint, evaluate
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    ckpt = load_checkpoint(args.checkpoint)
+    model = build_from_checkpoint(ckpt, device)
+    metrics = evaluate(model, args.ann, args.images, ckpt["config"]["data"], device, out_dir=args.out,
+                       batch_size=args.batch_size)
+    _print_metrics(metrics)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .engine.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, device=args.device, threads=args.threads)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data.synthetic import write_synthetic_lvis
+
+    info = write_synthetic_lvis(args.out, num_classes=args.num_classes, num_train_images=args.train_images,
+                                num_val_images=args.val_images, image_size=(args.image_size, args.image_size),
+                                seed=args.seed)
+    print(json.dumps({k: v for k, v in info.items()}, indent=1, default=str))
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from .configs import CONFIGS
+
+    for name in sorted(CONFIGS):
+        c = CONFIGS[name]
+        print(f"{name:<32} {c['model'].get('type', 'two_stage'):<10} {c['model']['backbone']:<9} "
+              f"cls_loss={c['model'].get('cls_loss')} stage={c['train']['stage']} max_iter={c['solver']['max_iter']}")
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    keys = ["AP", "AP50", "AP75", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"]
+    print("  ".join(f"{k} {100 * m[k]:.1f}" for k in keys if k in m))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # forwarded untouched to the benchmark suite
+        from .benchmarking import main as bench_main
+
+        return bench_main(argv[1:]) or 0
+    parser = argparse.ArgumentParser(prog="ltk", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="train and evaluate softmax, BAGS, SimCal, focal and EFL on synthetic data")
+    p.add_argument("--out", default="ltk_demo")
+    p.add_argument("--quick", action="store_true", help="a short schedule (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("synth", help="write the synthetic long-tail set in LVIS v1 format")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-classes", type=int, default=40)
+    s.add_argument("--train-images", type=int, default=900)
+    s.add_argument("--val-images", type=int, default=200)
+    s.add_argument("--image-size", type=int, default=160)
+    s.add_argument("--seed", type=int, default=0)
+    _add_train(sub)
+    e = sub.add_parser("eval", help="evaluate a checkpoint with the LVIS API")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--ann", required=True)
+    e.add_argument("--images", required=True)
+    e.add_argument("--out")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sub.add_parser("bench", help="kernel benchmarks (arguments are forwarded: ltk bench --help)")
+    sub.add_parser("configs", help="list the named configs")
+    args = parser.parse_args(argv)
+    handler = {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs}
+    return handler[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Named training configs (plain dicts). `ltk train --config NAME` takes one of these, or a JSON file with the
+same layout; `--set section.key=value` and the dedicated flags override single values.
+
+Sections: `model` (detector, see `ltkernels.models.detectors`), `data` (resizing, flips, repeat factor sampling),
+`solver` (SGD schedule; `steps` given as fractions of `max_iter` when < 1), `train` (stage, seed, checkpoints).
+Stages: "base" trains a detector; "bags" and "simcal" are the decoupled second stages on a trained baseline
+(`--base CKPT`)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# ------------------------------------------------------------------------- synthetic long-tail set (the demo)
+_SYNTH_MODEL = {
+    "backbone": "tiny", "widths": [16, 24, 32, 48, 64], "fpn_channels": 32, "levels": [2, 3, 4],
+    "anchor_scales": [4], "anchor_ratios": [0.5, 1.0, 2.0],
+    "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
+    "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150, "rpn_batch_size_per_image": 128,
+    "pool_size": 7, "canonical_scale": 112, "representation_size": 256, "batch_size_per_image": 64,
+    "positive_fraction": 0.25, "score_thresh": 1e-4, "nms_thresh": 0.5, "detections_per_img": 300,
+}
+_SYNTH_DATA = {"min_size": 160, "max_size": 160, "flip_prob": 0.5, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+               "repeat_threshold": None}
+_SYNTH_SOLVER = {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 8, "max_iter": 600,
+                 "warmup_iters": 50, "warmup_factor": 0.001, "steps": [0.75, 0.9], "gamma": 0.1, "clip_grad": 10.0,
+                 "amp": True}
+_TRAIN = {"stage": "base", "seed": 0, "ckpt_every": 0, "log_every": 100, "workers": 0, "eval": True}
+
+
+def _cfg(model=None, data=None, solver=None, train=None, base_model=_SYNTH_MODEL, base_data=_SYNTH_DATA,
+         base_solver=_SYNTH_SOLVER):
+    return {"model": {**base_model, **(model or {})}, "data": {**base_data, **(data or {})},
+            "solver": {**base_solver, **(solver or {})}, "train": {**_TRAIN, **(train or {})}}
+
+
+_ONE_STAGE_SYNTH = {"type": "one_stage", "levels": [3, 4, 5], "anchor_scales": [2, 2.83], "head_convs": 2,
+                    "score_thresh": 0.01, "topk_candidates": 1000, "fg_iou": 0.5, "bg_iou": 0.4}
+
+CONFIGS = {
+    "two_stage_softmax": _cfg({"type": "two_stage", "cls_loss": "softmax"}),
+    "two_stage_bags": _cfg({"type": "two_stage", "cls_loss": "bags", "bags_bounds": [10, 100, 1000],
+                            "bags_others_ratio": 8.0},
+                           solver={"max_iter": 200, "warmup_iters": 0},
+                           train={"stage": "bags"}),
+    "two_stage_simcal": _cfg({"type": "two_stage", "cls_loss": "softmax", "simcal_tail_threshold": 100},
+                             solver={"max_iter": 200, "warmup_iters": 0, "batch_size": 16},
+                             train={"stage": "simcal"}),
+    "one_stage_focal": _cfg({**_ONE_STAGE_SYNTH, "cls_loss": "focal"}, solver={"lr": 0.01}),
+    "one_stage_efl": _cfg({**_ONE_STAGE_SYNTH, "cls_loss": "efl", "efl_scale": 8.0, "efl_gamma_b": 2.0},
+                          solver={"lr": 0.01}),
+}
+
+# ------------------------------------------------------------------------- LVIS v0.5 / v1 (ResNet-50 FPN)
+_LVIS_MODEL = {
+    "backbone": "resnet50", "pretrained_backbone": None, "trainable_layers": 3, "fpn_channels": 256,
+    "anchor_scales": [8], "anchor_ratios": [0.5, 1.0, 2.0],
+    "rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000,
+    "rpn_pre_nms_top_n_test": 1000, "rpn_post_nms_top_n_test": 1000, "rpn_batch_size_per_image": 256,
+    "pool_size": 7, "canonical_scale": 224, "representation_size": 1024, "batch_size_per_image": 512,
+    "positive_fraction": 0.25, "score_thresh": 1e-4, "nms_thresh": 0.5, "detections_per_img": 300,
+}
+_LVIS_DATA = {"min_size": 800, "max_size": 1333, "flip_prob": 0.5, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+              "repeat_threshold": 0.001}
+_LVIS_SOLVER = {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 16, "max_iter": 90000,
+                "warmup_iters": 1000, "warmup_factor": 0.001, "steps": [60000, 80000], "gamma": 0.1,
+                "clip_grad": 35.0, "amp": True}
+_LVIS_ONE_STAGE = {"type": "one_stage", "anchor_scales": [4, 5.04, 6.35], "head_convs": 4, "score_thresh": 0.05,
+                   "topk_candidates": 1000, "fg_iou": 0.5, "bg_iou": 0.4}
+
+
+def _lvis(model=None, data=None, solver=None, train=None):
+    return _cfg(model, data, solver, train, _LVIS_MODEL, _LVIS_DATA, _LVIS_SOLVER)
+
+
+for _v in ("lvis_v0.5", "lvis_v1"):
+    CONFIGS.update({
+        f"{_v}_two_stage_softmax": _lvis({"type": "two_stage", "cls_loss": "softmax"}),
+        # BAGS: 12 epochs of classifier-only retraining in the paper; SimCal: a short calibration schedule.
+        f"{_v}_two_stage_bags": _lvis({"type": "two_stage", "cls_loss": "bags", "bags_bounds": [10, 100, 1000],
+                                       "bags_others_ratio": 8.0},
+                                      solver={"max_iter": 20000, "steps": [13000, 18000], "warmup_iters": 500},
+                                      train={"stage": "bags"}),
+        f"{_v}_two_stage_simcal": _lvis({"type": "two_stage", "cls_loss": "softmax", "simcal_tail_threshold": 100},
+                                        solver={"max_iter": 10000, "steps": [0.8], "warmup_iters": 0,
+                                                "batch_size": 64, "lr": 0.01},
+                                        train={"stage": "simcal"}),
+        f"{_v}_one_stage_focal": _lvis({**_LVIS_ONE_STAGE, "cls_loss": "focal"},
+                                       solver={"lr": 0.01, "max_iter": 180000, "steps": [120000, 160000]}),
+        f"{_v}_one_stage_efl": _lvis({**_LVIS_ONE_STAGE, "cls_loss": "efl", "efl_scale": 8.0, "efl_gamma_b": 2.0},
+                                     solver={"lr": 0.01, "max_iter": 180000, "steps": [120000, 160000]}),
+    })
+
+
+def get_config(name_or_path: str) -> dict:
+    """A deep copy of a named config, or the config in a JSON file (merged over the named config it names in
+    an optional `"base"` key)."""
+    if name_or_path in CONFIGS:
+        return copy.deepcopy(CONFIGS[name_or_path])
+    if os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            user = json.load(f)
+        cfg = get_config(user.pop("base", "two_stage_softmax"))
+        return merge(cfg, user)
+    raise KeyError(f"unknown config {name_or_path!r}; named configs: {', '.join(sorted(CONFIGS))}")
+
+
+def merge(cfg: dict, override: dict) -> dict:
+    """Recursively update `cfg` with `override` (in place; returns cfg)."""
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            merge(cfg[k], v)
+        else:
+            cfg[k] = copy.deepcopy(v)
+    return cfg
+
+
+def set_value(cfg: dict, dotted: str, value: str) -> None:
+    """`--set solver.lr=0.01`: values are parsed as JSON when they parse, else kept as strings."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    *path, key = dotted.split(".")
+    node = cfg
+    for p in path:
+        node = node.setdefault(p, {})
+    node[key] = parsed

@@ -1,0 +1,1 @@
+"""Training engine: trainer (single process / torchrun DDP), checkpoints, evaluation, the demo."""
