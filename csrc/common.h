@@ -13,6 +13,17 @@
 #define LTK_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
 
+// Hot CPU loops are compiled twice, for AVX2+FMA and for the baseline ISA, and the loader picks one (GCC function
+// multiversioning). Helpers they call must be LTK_ALWAYS_INLINE: GCC does not inline a default-target function into
+// a clone, and an out-of-line call inside a loop stops it from vectorising.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LTK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define LTK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LTK_CPU_CLONES
+#define LTK_ALWAYS_INLINE inline
+#endif
+
 namespace ltk {
 
 // Accumulation type: float for float32/float16/bfloat16, double for float64.

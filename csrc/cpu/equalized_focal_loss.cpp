@@ -22,13 +22,6 @@ using ltk::efl::loss_term;
 // Branch-free float maths that the compiler vectorises (the loops below are compiled twice, for AVX2+FMA and for
 // the baseline ISA, and picked at load time). Accuracy: a few ulp, checked against float64 in the tests. float64
 // logits take the exact <math.h> path above.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LTK_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#define LTK_INLINE inline __attribute__((always_inline))
-#else
-#define LTK_CLONES
-#define LTK_INLINE inline
-#endif
 
 // FP exceptions are never inspected: without -ftrapping-math GCC may if-convert and vectorise these loops.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -37,7 +30,7 @@ using ltk::efl::loss_term;
 #endif
 
 // exp(x) for x <= 0 (clamped below at -87, where the true value is below 2e-38 and every use is negligible).
-LTK_INLINE float fast_exp_neg(float x) {
+LTK_ALWAYS_INLINE float fast_exp_neg(float x) {
   x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
   const float magic = 12582912.0f;  // 1.5 * 2^23: round to nearest by an add and a subtract
   const float n = (x * 1.44269504088896341f + magic) - magic;
@@ -58,7 +51,7 @@ LTK_INLINE float fast_exp_neg(float x) {
 }
 
 // log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], no cancellation.
-LTK_INLINE float fast_log1p_unit(float e) {
+LTK_ALWAYS_INLINE float fast_log1p_unit(float e) {
   const float s = e / (2.0f + e);
   const float s2 = s * s;
   float p = 1.0f / 13.0f;
@@ -71,7 +64,7 @@ LTK_INLINE float fast_log1p_unit(float e) {
   return 2.0f * s * p;
 }
 
-LTK_INLINE float fast_loss_term(float z, float gamma, float aw) {
+LTK_ALWAYS_INLINE float fast_loss_term(float z, float gamma, float aw) {
   const float e = fast_exp_neg(z < 0.0f ? z : -z);
   const float l1 = fast_log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
@@ -79,7 +72,7 @@ LTK_INLINE float fast_loss_term(float z, float gamma, float aw) {
   return aw * fast_exp_neg(-gamma * nlog_qt) * nlog_pt;
 }
 
-LTK_INLINE float fast_grad_z(float z, float gamma, float aw) {
+LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
   const float e = fast_exp_neg(z < 0.0f ? z : -z);
   const float l1 = fast_log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
@@ -93,7 +86,7 @@ LTK_INLINE float fast_grad_z(float z, float gamma, float aw) {
 }
 
 // Sum of the loss terms of x[0..m) as negatives (z = -x).
-LTK_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+LTK_CPU_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __restrict__ gamma,
                               const float* __restrict__ aw, int64_t m) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -102,7 +95,7 @@ LTK_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __restri
 }
 
 // dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to acc.
-LTK_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+LTK_CPU_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
                              const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
                              double* __restrict__ acc) {
 #pragma omp simd

@@ -17,16 +17,11 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LTK_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LTK_CLONES
-#endif
 
 namespace {
 
 // exp(x) for x <= 0 (all our arguments are x - max); branch-free so loops over it vectorise.
-inline float exp_nonpos(float x) {
+LTK_ALWAYS_INLINE float exp_nonpos(float x) {
   x = x < -87.3f ? -87.3f : x;                              // exp(-87.3) ~ 1.2e-38: stays a normal float
   constexpr float kMagic = 12582912.f;                      // 1.5 * 2^23: float add rounds to an integer
   const float n = (x * 1.44269504088896341f + kMagic) - kMagic;
@@ -45,7 +40,7 @@ inline float exp_nonpos(float x) {
 
 // One row of the loss in float32: x [K] logits, g [K] gradient out. Returns the row's loss.
 // tgt: the row's targets in every group; sel points at the row's flag of group 0 (group k's is sel[k * N]).
-LTK_CLONES float loss_row_f32(const float* __restrict x, float* __restrict g, int64_t G1,
+LTK_CPU_CLONES float loss_row_f32(const float* __restrict x, float* __restrict g, int64_t G1,
                               const int64_t* __restrict off, const int64_t* __restrict tgt,
                               const bool* __restrict sel, int64_t N, const float* __restrict scale) {
   float loss = 0.f;
@@ -79,7 +74,7 @@ LTK_CLONES float loss_row_f32(const float* __restrict x, float* __restrict g, in
 }
 
 // One row of the scores in float32: p [K] scratch (in-group probabilities), out [C + 1].
-LTK_CLONES void scores_row_f32(const float* __restrict x, float* __restrict p, float* __restrict out, int64_t G1,
+LTK_CPU_CLONES void scores_row_f32(const float* __restrict x, float* __restrict p, float* __restrict out, int64_t G1,
                                const int64_t* __restrict off, int64_t C1, const int64_t* __restrict score_column) {
   for (int64_t k = 0; k < G1; ++k) {
     const int64_t s = off[k], n = off[k + 1] - off[k];

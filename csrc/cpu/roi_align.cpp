@@ -25,18 +25,12 @@
 namespace {
 
 // ---- the vectorised inner loop ------------------------------------------------------------------------------
-// y += a * x over n contiguous elements. Compiled twice on x86-64 GCC (AVX2+FMA and baseline) and picked at load
-// time, so the package stays portable while using the wide units where they exist.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LTK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LTK_MULTIVERSION
-#endif
+// y += a * x over n contiguous elements, compiled for AVX2+FMA and for the baseline ISA (LTK_CPU_CLONES).
 
-LTK_MULTIVERSION void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+LTK_CPU_CLONES void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
-LTK_MULTIVERSION void axpy(double* __restrict y, double a, const double* __restrict x, int64_t n) {
+LTK_CPU_CLONES void axpy(double* __restrict y, double a, const double* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
