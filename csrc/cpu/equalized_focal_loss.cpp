@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
 
 namespace {
@@ -109,21 +110,6 @@ LTK_CPU_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __res
 #pragma GCC pop_options
 #endif
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
-                  const at::Tensor& normalizer, double gamma_b, double scale) {
-  LTK_CHECK_DIM(logits, 2);
-  LTK_CHECK_DIM(labels, 1);
-  LTK_CHECK_DIM(pos_neg, 1);
-  TORCH_CHECK(labels.size(0) == logits.size(0), "labels must have ", logits.size(0), " entries (one per row of ",
-              "logits), got ", labels.size(0));
-  TORCH_CHECK(pos_neg.size(0) == logits.size(1), "pos_neg must have ", logits.size(1), " entries (one per class), got ",
-              pos_neg.size(0));
-  TORCH_CHECK(normalizer.numel() == 1, "normalizer must hold one value, got shape ", normalizer.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "labels must be int64 or int32");
-  TORCH_CHECK(at::isFloatingType(pos_neg.scalar_type()), "pos_neg must be a floating-point tensor");
-  TORCH_CHECK(gamma_b >= 0 && (scale == 0 || gamma_b > 0), "gamma_b must be > 0 (or >= 0 with scale = 0), got ",
-              gamma_b);
-}
 
 // gamma_j and alpha_t * w_j for a positive and a negative target, per class.
 template <typename A>
@@ -271,7 +257,7 @@ at::Tensor efl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, c
                            const std::optional<at::Tensor>& neg_grad) {
   LTK_CHECK_CPU(logits);
   LTK_CHECK_CPU(labels);
-  check_inputs(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
   auto lab = labels.to(at::kLong).contiguous();
@@ -294,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor
                                                                 double scale, double alpha, int64_t ignore_index) {
   LTK_CHECK_CPU(logits);
   LTK_CHECK_CPU(labels);
-  check_inputs(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();

@@ -25,17 +25,10 @@
 
 namespace {
 
-// The type the IoU is computed in: the input's own for float/double (as torchvision's CPU kernel), float otherwise.
+// The IoU is computed in ltk::acc_t: the input's own type for float/double (as torchvision's CPU kernel), float
+// for half/bfloat16.
 template <typename T>
-struct calc {
-  using type = float;
-};
-template <>
-struct calc<double> {
-  using type = double;
-};
-template <typename T>
-using calc_t = typename calc<T>::type;
+using calc_t = ltk::acc_t<T>;
 
 // The largest C value <= thr: for a C value v, v > thr (compared in double) iff v > threshold_below(thr).
 template <typename C>

@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
 
 namespace {
@@ -159,18 +160,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::
   LTK_CHECK_CUDA(labels);
   LTK_CHECK_CUDA(pos_neg);
   LTK_CHECK_CUDA(normalizer);
-  LTK_CHECK_DIM(logits, 2);
-  LTK_CHECK_DIM(labels, 1);
-  LTK_CHECK_DIM(pos_neg, 1);
-  TORCH_CHECK(labels.size(0) == logits.size(0), "labels must have ", logits.size(0), " entries (one per row of ",
-              "logits), got ", labels.size(0));
-  TORCH_CHECK(pos_neg.size(0) == logits.size(1), "pos_neg must have ", logits.size(1), " entries (one per class), got ",
-              pos_neg.size(0));
-  TORCH_CHECK(normalizer.numel() == 1, "normalizer must hold one value, got shape ", normalizer.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, "labels must be int64 or int32");
-  TORCH_CHECK(at::isFloatingType(pos_neg.scalar_type()), "pos_neg must be a floating-point tensor");
-  TORCH_CHECK(gamma_b >= 0 && (scale == 0 || gamma_b > 0), "gamma_b must be > 0 (or >= 0 with scale = 0), got ",
-              gamma_b);
+  ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
 }
 
 Params make_params(double gamma_b, double scale, double alpha) {

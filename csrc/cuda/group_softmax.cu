@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "common.h"
+#include "group_softmax.h"
 
 namespace {
 
@@ -153,23 +154,13 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cuda(const at::Tensor& log
   LTK_CHECK_CUDA(selected_);
   LTK_CHECK_CUDA(scale_);
   LTK_CHECK_CUDA(label_targets_);
-  LTK_CHECK_DIM(labels_, 1);
-  LTK_CHECK_DIM(selected_, 2);
-  LTK_CHECK_DIM(scale_, 1);
-  LTK_CHECK_DIM(label_targets_, 2);
   for (const at::Tensor* t : {&labels_, &selected_, &scale_, &label_targets_, &group_offsets_})
     TORCH_CHECK(t->device() == logits_.device(), "all inputs must be on ", logits_.device(), ", got ", t->device());
   c10::cuda::CUDAGuard guard(logits_.device());
   const int64_t N = logits_.size(0), K = logits_.size(1);
   const int64_t G1 = group_offsets_.size(0) - 1;
-  TORCH_CHECK(labels_.size(0) == N && labels_.scalar_type() == at::kLong, "labels must be int64 [N] = [", N, "]");
-  TORCH_CHECK(selected_.size(0) == G1 && selected_.size(1) == N && selected_.scalar_type() == at::kBool,
-              "selected must be bool [G + 1, N] = [", G1, ", ", N, "], got ", selected_.sizes());
+  ltk::check_group_softmax_loss_args(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
   const auto acc_type = logits_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(scale_.size(0) == G1 && scale_.scalar_type() == acc_type, "scale must be ", acc_type, " [G + 1] = [",
-              G1, "] for ", logits_.scalar_type(), " logits");
-  TORCH_CHECK(label_targets_.size(1) == G1 && label_targets_.scalar_type() == at::kLong,
-              "label_targets must be int64 [C + 1, G + 1]");
   // Label ranges and the layout are validated by the Python caller (no host sync here).
   const auto logits = logits_.contiguous();
   const auto labels = labels_.contiguous();
