@@ -23,20 +23,19 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torc
         raise ValueError(f"{name} is on {t.device} but must be on {device} (the device of the other inputs)")
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raises on NaN/inf. Costs a device sync on CUDA: call it only where the op needs finite input anyway."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int = -1, *,
+                 sync: bool = True) -> None:
+    """Labels must be integers in {ignore_index} U [0, num_classes].
 
-
-def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int = -1) -> None:
-    """Labels must be integers in {ignore_index} U [0, num_classes]."""
+    With `sync=False` (CUDA tensors, tracing) the range check is queued on the device with `torch._assert_async`:
+    it fails at the next synchronisation instead of costing one now."""
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be int64 or int32, got {str(labels.dtype).replace('torch.', '')}")
     if labels.numel() == 0:
         return
+    msg = f"{name} must lie in 0..{num_classes} (0 = background) or be {ignore_index} (ignored)"
     bad = (labels != ignore_index) & ((labels < 0) | (labels > num_classes))
-    if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(f"{name} must lie in 0..{num_classes} (0 = background) or be {ignore_index} (ignored), "
-                         f"found {value}")
+    if not sync:
+        torch._assert_async(~bad.any(), msg)
+    elif bool(bad.any()):
+        raise ValueError(f"{msg}, found {int(labels[bad][0])}")

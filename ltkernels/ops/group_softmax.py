@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._ext import has_op
-from .._validate import FLOATING, check_tensor
+from .._validate import FLOATING, check_labels, check_tensor
 
 __all__ = ["BalancedGroups", "GroupSoftmaxLoss", "group_softmax_loss", "group_softmax_scores",
            "group_softmax_selection"]
@@ -208,21 +208,12 @@ def _check_logits(logits: torch.Tensor, groups: BalancedGroups) -> None:
 
 def _check_labels(labels: torch.Tensor, logits: torch.Tensor, groups: BalancedGroups, ignore_index: int) -> None:
     check_tensor("labels", labels, ndim=1, device=logits.device)
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 or int32, got {str(labels.dtype).replace('torch.', '')}")
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} rows but logits has {logits.shape[0]}")
     if 0 <= ignore_index <= groups.num_classes:
         raise ValueError(f"ignore_index must not be a label (0..{groups.num_classes}), got {ignore_index}")
-    C = groups.num_classes
-    msg = f"labels must lie in 0..{C} (0 = background) or be {ignore_index} (ignored)"
-    bad = (labels != ignore_index) & ((labels < 0) | (labels > C))
-    if _plain_cpu(labels):
-        if labels.numel() and bool(bad.any()):
-            raise ValueError(f"{msg}, found {int(labels[bad][0])}")
-    else:
-        # No host synchronisation on an accelerator (or while tracing): the check fails at the next sync.
-        torch._assert_async(~bad.any(), msg)
+    # No host synchronisation on an accelerator (or while tracing): there the check fails at the next sync.
+    check_labels("labels", labels, groups.num_classes, ignore_index, sync=_plain_cpu(labels))
 
 
 def _check_ratio(others_ratio) -> float:
