@@ -165,3 +165,32 @@ def test_lvis_configs_build_resnet50_fpn(name):
     with torch.no_grad():
         out = model([torch.randn(3, 128, 160)])
     assert out[0]["boxes"].shape[-1] == 4
+
+
+@pytest.mark.parametrize("num_images,pre_nms,post_nms", [(1, 50, 20), (3, 300, 100), (2, 2000, 1000)])
+def test_rpn_proposals_equal_torchvision_filter(num_images, pre_nms, post_nms):
+    """One batched ltkernels NMS over (image, level) segments == torchvision's per-image filter_proposals."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+    from ltkernels.models.detectors.rpn import RPN
+
+    g = torch.Generator().manual_seed(num_images * 7 + pre_nms)
+    levels = [1200, 600, 300, 75]  # anchors per level, the last below pre_nms on purpose
+    n = sum(levels)
+    args = (AnchorGenerator(), RPNHead(8, 3), 0.7, 0.3, 256, 0.5,
+            dict(training=pre_nms, testing=pre_nms), dict(training=post_nms, testing=post_nms), 0.7)
+    ours, theirs = RPN(*args).eval(), RegionProposalNetwork(*args).eval()
+    ours.score_thresh = theirs.score_thresh = 0.05
+    xy = torch.rand(num_images, n, 2, generator=g) * 300 - 20  # some boxes leave the image, some are tiny
+    wh = torch.rand(num_images, n, 2, generator=g) * 80 * (torch.rand(num_images, n, 1, generator=g) > 0.05)
+    proposals = torch.cat([xy, xy + wh], -1)
+    objectness = torch.randn(num_images * n, 1, generator=g) * 3
+    shapes = [(256 - 16 * i, 240 + 8 * i) for i in range(num_images)]
+    got_b, got_s = ours.filter_proposals(proposals, objectness, shapes, levels)
+    exp_b, exp_s = theirs.filter_proposals(proposals, objectness, shapes, levels)
+    assert len(got_b) == num_images
+    for gb, gs, eb, es in zip(got_b, got_s, exp_b, exp_s):
+        assert gb.shape[0] > 0
+        torch.testing.assert_close(gs, es, rtol=0, atol=0)
+        torch.testing.assert_close(gb, eb, rtol=0, atol=0)

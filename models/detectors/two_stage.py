@@ -1,4 +1,5 @@
-"""Faster R-CNN with FPN: backbone + torchvision's RPN + the ltkernels RoI box head (`heads.RoIBoxHead`).
+"""Faster R-CNN with FPN: backbone + torchvision's RPN (its proposal NMS by ltkernels, `rpn.RPN`) + the ltkernels
+RoI box head (`heads.RoIBoxHead`).
 
 `forward(images, targets)` returns a dict of losses when `targets` is given, else a list of detections
 ({"boxes", "scores", "labels"}) in the coordinates of the (resized) input images.
@@ -10,10 +11,11 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 
 from .backbone import build_backbone
 from .heads import RoIBoxHead
+from .rpn import RPN
 
 
 def batch_images(images: list, size_divisible: int = 32) -> ImageList:
@@ -43,7 +45,7 @@ class TwoStageDetector(nn.Module):
         strides = self.backbone.strides
         anchors = make_anchor_generator(strides, cfg)
         rpn_head = RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0])
-        self.rpn = RegionProposalNetwork(
+        self.rpn = RPN(
             anchors, rpn_head, 0.7, 0.3, cfg.get("rpn_batch_size_per_image", 256), 0.5,
             dict(training=cfg.get("rpn_pre_nms_top_n_train", 2000), testing=cfg.get("rpn_pre_nms_top_n_test", 1000)),
             dict(training=cfg.get("rpn_post_nms_top_n_train", 2000), testing=cfg.get("rpn_post_nms_top_n_test", 1000)),
