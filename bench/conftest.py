@@ -6,7 +6,7 @@ Usage in bench/test_bench_<op>.py:
         run_bench(lambda: ltkernels.roi_align(x, boxes, 7), op="roi_align", impl="ltkernels", size="512x256x7x7",
                   dtype="float32", device=device, pass_="fwd", bytes_moved=...)
 
-Environment (set by `ltk bench`, see ltkernels/models/benchmarking.py and bench/NOTES.md):
+Environment (set by `ltk bench`, see ltkernels/models/benchmarking/cli.py and bench/NOTES.md):
     LTK_BENCH_DEVICES=cpu|cuda|cpu,cuda   which devices the `device` parameter takes (default: all visible)
     LTK_BENCH_QUICK=1                     `ltk bench --quick` (CI smoke run): bench files MAY shrink their sizes;
                                           read it with `ltkernels.models.benchmarking.quick_mode()`
@@ -24,7 +24,7 @@ import statistics
 import pytest
 import torch
 
-from ltkernels.models.benchmarking import (  # noqa: F401  (shared with `ltk bench`)
+from ltkernels.models.benchmarking.harness import (
     bench_devices, cuda_event_times, device_name, environment_info, quick_mode, sync,
 )
 

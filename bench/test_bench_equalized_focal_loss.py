@@ -47,12 +47,12 @@ def _run(run_bench, device, dtype, impl, step, logits):
               pass_="fwd+bwd", bytes_moved=bytes_moved(logits), rounds=rounds)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_efl_ltkernels(run_bench, device, dtype):
+def _run_module(run_bench, device, dtype, impl, module_cls):
+    """Forward + backward through a loss module that updates its own statistics (ours and the eager reference)."""
     if dtype not in dtypes(device):
         pytest.skip("bfloat16 benchmarked on CUDA only")
     logits, labels = make_inputs(device, dtype)
-    mod = ltkernels.EqualizedFocalLoss(C).to(device)
+    mod = module_cls(C).to(device)
 
     def step():
         logits.grad = None
@@ -60,23 +60,17 @@ def test_efl_ltkernels(run_bench, device, dtype):
         loss.backward()
         return loss
 
-    _run(run_bench, device, dtype, "ltkernels", step, logits)
+    _run(run_bench, device, dtype, impl, step, logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_efl_ltkernels(run_bench, device, dtype):
+    _run_module(run_bench, device, dtype, "ltkernels", ltkernels.EqualizedFocalLoss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_efl_eager(run_bench, device, dtype):
-    if dtype not in dtypes(device):
-        pytest.skip("bfloat16 benchmarked on CUDA only")
-    logits, labels = make_inputs(device, dtype)
-    mod = EqualizedFocalLossReference(C).to(device)
-
-    def step():
-        logits.grad = None
-        loss = mod(logits, labels)
-        loss.backward()
-        return loss
-
-    _run(run_bench, device, dtype, "eager", step, logits)
+    _run_module(run_bench, device, dtype, "eager", EqualizedFocalLossReference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from ltkernels.models import benchmarking as bm
+from ltkernels.models.benchmarking import cli, harness, readme
 
 MIB = 1 << 20
 
@@ -90,8 +91,8 @@ def test_table_formatting():
     assert roi[6:] == ["4 ms (2×)", "10 ms (5×)", "", "5", f"{100 * 5 / (128 * MIB / 0.01 / 1e9):.0f}%"]
     assert bm.fmt_time(1.5e-6) == "1.5 µs" and bm.fmt_time(0.25) == "250 ms" and bm.fmt_time(2.0) == "2 s"
     assert bm.fmt_ratio(None) == "—" and bm.fmt_ratio(12.345) == "12.3×"
-    assert bm._short_device("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz") == "Intel Xeon Platinum 8481C CPU"
-    assert bm._short_device("AMD EPYC 7B13 64-Core Processor") == "AMD EPYC 7B13"
+    assert readme._short_device("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz") == "Intel Xeon Platinum 8481C CPU"
+    assert readme._short_device("AMD EPYC 7B13 64-Core Processor") == "AMD EPYC 7B13"
 
 
 def test_write_results_files(tmp_path):
@@ -186,7 +187,7 @@ def _bench_checkout(tmp_path, root, *extra_files):
 def test_quick_copy_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("pytest_benchmark")
     fake = _bench_checkout(tmp_path, bm.repo_root())
-    monkeypatch.setattr(bm, "repo_root", lambda: fake)
+    monkeypatch.setattr(cli, "repo_root", lambda: fake)  # where main() looks it up
     assert bm.main(["--quick", "-k", "copy", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
     (path,) = (tmp_path / "out").glob("*-quick.json")
     data = json.loads(path.read_text())
@@ -207,7 +208,7 @@ def test_budget_run_survives_a_broken_bench_file(tmp_path, monkeypatch, capsys):
     if root is None:
         pytest.skip("needs the source checkout's bench/ folder")
     fake = _bench_checkout(tmp_path, root, ("test_bench_broken.py", "raise ImportError('a broken bench file')\n"))
-    monkeypatch.setattr(bm, "repo_root", lambda: fake)
+    monkeypatch.setattr(cli, "repo_root", lambda: fake)  # where main() looks it up
     out = tmp_path / "out"
     assert bm.main(["--quick", "--device", "cpu", "--budget", "120", "--out", str(out), "--no-chart"]) == 1
     (path,) = out.glob("*-quick.json")
@@ -248,7 +249,7 @@ def test_cuda_event_times_control_flow(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(bm, "_l2_flush_buffer", lambda device: FakeFlush())
+    monkeypatch.setattr(harness, "_l2_flush_buffer", lambda device: FakeFlush())
 
     def fn():
         FakeEvent.clock += 2.0  # the timed work
