@@ -78,7 +78,7 @@ def cmd_eval(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     model = build_from_checkpoint(ckpt, device)
     metrics = evaluate(model, args.ann, args.images, ckpt["config"]["data"], device, out_dir=args.out,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, backend=args.eval_backend)
     _print_metrics(metrics)
     return 0
 
@@ -137,13 +137,15 @@ def main(argv=None) -> int:
     s.add_argument("--image-size", type=int, default=160)
     s.add_argument("--seed", type=int, default=0)
     _add_train(sub)
-    e = sub.add_parser("eval", help="evaluate a checkpoint with the LVIS API")
+    e = sub.add_parser("eval", help="evaluate a checkpoint with the LVIS API (or faster-coco-eval)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--ann", required=True)
     e.add_argument("--images", required=True)
     e.add_argument("--out")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--eval-backend", default="lvis", choices=["lvis", "faster-coco-eval"],
+                   help="the official lvis evaluator, or faster-coco-eval's LVIS mode (same metrics, ~3x faster)")
     sub.add_parser("bench", help="kernel benchmarks (arguments are forwarded: ltk bench --help)")
     sub.add_parser("configs", help="list the named configs")
     args = parser.parse_args(argv)

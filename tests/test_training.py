@@ -1,5 +1,6 @@
 """The training engine: warm-up / step schedule, exact resume (N straight == N/2 + resume + N/2, bitwise on CPU,
 EFL buffers included), the CLI, and a 2-process torchrun run on CPU (gloo) whose EFL buffers agree across ranks."""
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def test_cli_train_then_eval(data, tmp_path, capsys):
                 "--images", data["image_root"], "--out", str(tmp_path / "eval")]) == 0
     assert "APr" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "eval" / "metrics.json")
+    assert ltk(["eval", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--ann", data["val_ann"],
+                "--images", data["image_root"], "--out", str(tmp_path / "fast"), "--eval-backend",
+                "faster-coco-eval"]) == 0
+    official, fast = (json.load(open(tmp_path / d / "metrics.json")) for d in ("eval", "fast"))
+    assert official["AP"] == pytest.approx(fast["AP"], abs=1e-12)
+    assert official["APr"] == pytest.approx(fast["APr"], abs=1e-12)
 
 
 def test_cli_lists_configs(capsys):

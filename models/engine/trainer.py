@@ -270,15 +270,16 @@ def predict(model, dataset, device, batch_size: int = 8, progress: bool = False)
 
 
 def evaluate(model, ann_file: str, image_root: str, data_cfg: dict, device, out_dir: str | None = None,
-             batch_size: int = 8) -> dict | None:
-    """Predict on every image of `ann_file` (sharded over ranks) and evaluate with the LVIS API on rank 0."""
+             batch_size: int = 8, backend: str = "lvis") -> dict | None:
+    """Predict on every image of `ann_file` (sharded over ranks) and evaluate on rank 0 with the official LVIS API
+    (`backend="lvis"`) or faster-coco-eval's LVIS mode (`backend="faster-coco-eval"`)."""
     from ..evaluation.lvis_eval import evaluate_detections
 
     dataset = build_dataset(ann_file, image_root, data_cfg, train=False)
     dets = [d for part in du.gather_objects(predict(model, dataset, device, batch_size)) for d in part]
     metrics = None
     if du.is_main():
-        metrics = evaluate_detections(ann_file, dets, out_dir=out_dir, max_dets=300)
+        metrics = evaluate_detections(ann_file, dets, out_dir=out_dir, max_dets=300, backend=backend)
     du.barrier()
     return metrics
 

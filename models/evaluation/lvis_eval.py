@@ -1,26 +1,44 @@
-"""Box evaluation with the official `lvis` evaluator, plus the instance-count bins AP1..AP4.
+"""Box evaluation with the official `lvis` evaluator (or faster-coco-eval), plus the instance-count bins AP1..AP4.
 
 `evaluate_detections(gt_ann_file, detections)` converts per-image detections (x1y1x2y2 boxes in original image
 pixels, scores, category ids) to LVIS results (xywh, at most `max_dets` per image, best scores first), runs
-`lvis.LVISEval` (iou_type "bbox") and returns
+the evaluator of `backend` (iou type "bbox") and returns
 
-- `AP, AP50, AP75, APs, APm, APl, APr, APc, APf` exactly as `LVISEval.results` computes them;
+- `AP, AP50, AP75, APs, APm, APl, APr, APc, APf` exactly as the evaluator's summary computes them
+  (`LVISEval.results`, or `COCOeval_faster(lvis_style=True).stats_as_dict`);
 - `AP1, AP2, AP3, AP4`: the mean per-class AP over the classes whose *training* instance count (the category's
   `instance_count` in the GT file, which LVIS val files carry) is < 10, in [10, 100), in [100, 1000) and
   >= 1000 (the BAGS / SimCal bins);
 - `AR@300` (recall), `per_class_ap` {category id: AP}, `num_detections`, `num_images`.
 
-A per-class AP is the mean of the evaluator's precision `eval['precision'][T, R, K, A]` over the IoU
-thresholds T and the 101 recall thresholds R for area 'all', ignoring -1 entries; it is -1.0 for a class with
-no ground truth in the evaluated file.  Every aggregate is in [0, 1], or -1.0 where undefined (no class in
-the group / bin has ground truth), the `lvis` convention.  An empty detection list gives 0.0 for every defined
-metric (the evaluator itself raises on empty results, so it is not called).
+A per-class AP is the mean of the evaluator's precision `eval['precision'][T, R, K, A]` (faster-coco-eval:
+`[T, R, K, A, M]` with one M) over the IoU thresholds T and the 101 recall thresholds R for area 'all', ignoring
+-1 entries; it is -1.0 for a class with no ground truth in the evaluated file.  Every aggregate is in [0, 1],
+or -1.0 where undefined (no class in the group / bin has ground truth), the `lvis` convention.  An empty
+detection list gives 0.0 for every defined metric (lvis-api raises on empty results, so no evaluator is called).
 
 A GT file in plain COCO format (no `neg_category_ids` / `frequency`) is evaluated through an LVIS-compatible
 copy: every category absent from an image's ground truth is a verified negative (COCO is exhaustive),
 nothing is "not exhaustive", crowd boxes are dropped, and frequencies come from `image_count` if present, else
 from the GT file's own image counts.  This is the LVIS evaluator on COCO data (300 detections per image), close
 to but not identical with `pycocotools.COCOeval`.
+
+Backends (both get the same GT dict, the same result list and the same empty-result and per-class code, so the
+returned dict, `metrics.json` and `results.json` have the same layout):
+
+- `"lvis"`: the official lvis-api 0.5.3 (`LVISEval`), pure Python.
+- `"faster-coco-eval"`: `faster_coco_eval.COCOeval_faster(iouType="bbox", lvis_style=True)`, the same federated
+  rules in C++ (detections of a category neither in an image's GT nor in its `neg_category_ids` are dropped;
+  unmatched detections of a category in `not_exhaustive_category_ids` are ignored; frequency groups from the
+  categories' `frequency`; area ranges [0, 32^2], [32^2, 96^2], [96^2, 1e10]; `maxDets = [max_dets]`), about
+  3x faster (2 CPU cores: 0.6-1.4 s against 2.3-5.6 s on the demo's 200-image val set; 14 s against 44 s on
+  1000 images x 1203 classes x 300 detections).  Where it differs from lvis-api (only the last can matter):
+  precision is tp / (tp + fp) where lvis-api divides by tp + fp + eps (differences of ~1e-16); `max_dets` is
+  applied per (image, category) where lvis-api applies it per image (a no-op, as the results are already cut per
+  image); a GT annotation's `ignore` flag is replaced by its `iscrowd` (crowd boxes are ignored and may match
+  several detections), where lvis-api keeps `ignore` and treats `iscrowd` boxes as ordinary ground truth --
+  LVIS files carry neither field, and COCO files reach the evaluator with their crowd boxes dropped; the backend
+  warns about a file that carries them (`test_known_difference_crowd_and_ignore_flags`).
 """
 from __future__ import annotations
 
@@ -36,12 +54,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["evaluate_detections", "detections_to_results", "instance_bin", "BIN_EDGES", "METRIC_KEYS"]
+__all__ = ["evaluate_detections", "detections_to_results", "instance_bin", "BIN_EDGES", "METRIC_KEYS", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
 BIN_EDGES = (10, 100, 1000)  # AP1: < 10, AP2: [10, 100), AP3: [100, 1000), AP4: >= 1000 training instances
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
+BACKENDS = ("lvis", "faster-coco-eval")
+# the area ranges of lvis-api's Params (its 'all' range, [0, 1e10], is the one faster-coco-eval adds itself)
+AREA_RANGES = {"small": [0 ** 2, 32 ** 2], "medium": [32 ** 2, 96 ** 2], "large": [96 ** 2, 1e5 ** 2]}
 
 
 def _np_compat():
@@ -79,14 +100,15 @@ def detections_to_results(detections: List[dict], max_dets: int = 300,
         order = np.argsort(-scores, kind="stable")
         if max_dets is not None and max_dets >= 0:
             order = order[:max_dets]
-        for j in order:
-            x1, y1, x2, y2 = (float(v) for v in boxes[j])
-            cid = int(labels[j])
+        boxes_l, scores_l, labels_l = boxes.tolist(), scores.tolist(), labels.tolist()  # Python floats / ints
+        for j in order.tolist():
+            x1, y1, x2, y2 = boxes_l[j]
+            cid = labels_l[j]
             if label_to_category_id is not None:
                 cid = int(label_to_category_id[cid])
             results.append({"image_id": img_id, "category_id": cid,
                             "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                            "score": round(float(scores[j]), 6)})
+                            "score": round(scores_l[j], 6)})
     return results
 
 
@@ -137,10 +159,101 @@ def _empty_metrics(gt: dict, train_counts: Dict[int, int]) -> dict:
         m["AR%s@300" % key[2]] = m[key]
     for key, f in (("APr", "r"), ("APc", "c"), ("APf", "f")):
         m[key] = 0.0 if any(freq[c] == f for c in with_gt) else -1.0
-    for b in range(1, 5):
-        m["AP%d" % b] = 0.0 if any(instance_bin(train_counts.get(c, 0)) == b for c in with_gt) else -1.0
-    m["per_class_ap"] = per_class
+    # precision 0 for every class with ground truth, -1 (undefined) for the others
+    cat_ids = sorted(per_class)
+    m.update(_class_metrics(np.array([per_class[c] for c in cat_ids]).reshape(1, 1, -1), cat_ids, train_counts))
     return m
+
+
+def _class_metrics(precision: np.ndarray, cat_ids: List[int], train_counts: Dict[int, int]) -> dict:
+    """`per_class_ap` and AP1..AP4 from an evaluator's precision [T, R, K] (area 'all', K in `cat_ids` order).
+
+    A class's AP is the mean of its entries > -1 (-1.0 if none: no ground truth); a bin's AP is the mean over
+    its classes with an AP, -1.0 if it has none.  Shared by every backend and by the empty-result path.
+    """
+    per_class = {}
+    for k, cid in enumerate(cat_ids):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        per_class[int(cid)] = float(np.mean(p)) if p.size else -1.0
+    out = {"per_class_ap": per_class}
+    for b in range(1, 5):
+        vals = [ap for cid, ap in per_class.items() if ap >= 0 and instance_bin(train_counts.get(cid, 0)) == b]
+        out["AP%d" % b] = float(np.mean(vals)) if vals else -1.0
+    return out
+
+
+def _import_faster_coco_eval():
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster
+    except Exception as e:  # not installed, or a broken build (a missing symbol, a numpy ABI mismatch)
+        raise ImportError("backend='faster-coco-eval' needs the faster-coco-eval package, which failed to import "
+                          "(%s: %s); install it (pip install faster-coco-eval, or this package's [models] extra) "
+                          "or use backend='lvis'" % (type(e).__name__, e)) from e
+    return COCO, COCOeval_faster
+
+
+def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: int):
+    """lvis-api: (summary {AP.., AR@N, ARs@N..}, precision [T, R, K] for area 'all', category ids of K)."""
+    _np_compat()
+    from lvis import LVIS, LVISEval, LVISResults
+
+    tmp = None
+    try:
+        if gt_path is not None:
+            lvis_gt = LVIS(gt_path)
+        else:  # LVIS() takes only a file path
+            fd, tmp = tempfile.mkstemp(suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(gt, f)
+            lvis_gt = LVIS(tmp)
+        quiet = logging.getLogger("lvis")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "Assuming user provided the results in correct format." etc.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls the deprecated logger.warn
+                # LVISResults adds id / area / segmentation to each result in place: copy the dicts
+                dt = LVISResults(lvis_gt, [dict(r) for r in results], max_dets=max_dets)
+                ev = LVISEval(lvis_gt, dt, iou_type="bbox")
+                ev.params.max_dets = max_dets
+                ev.run()
+        finally:
+            quiet.setLevel(level)
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+    summary = {k: float(v) for k, v in ev.get_results().items()}
+    return summary, ev.eval["precision"][:, :, :, 0], list(ev.params.cat_ids)
+
+
+def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int):
+    """faster-coco-eval in LVIS mode: the same triple as `_run_lvis` (see the module docstring for the rules)."""
+    COCO, COCOeval_faster = _import_faster_coco_eval()
+    if any(a.get("iscrowd") or a.get("ignore") for a in gt["annotations"]):
+        logger.warning("ground truth with iscrowd / ignore flags: faster-coco-eval ignores the crowd boxes and "
+                       "drops the ignore flags, where lvis-api does the reverse; backend='lvis' gives the "
+                       "official numbers")
+
+    def quiet(*args, **kwargs):
+        pass
+
+    coco_gt = COCO(gt, print_function=quiet)  # indexes `gt` without copying it (sets 'ignore' on its annotations)
+    # loadRes adds id / area (w * h, as LVISResults) / segmentation / iscrowd to each result in place: copy them
+    coco_dt = coco_gt.loadRes([dict(r) for r in results])
+    ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=True, ranges=copy.deepcopy(AREA_RANGES),
+                         print_function=quiet)
+    # one maxDets value (its default is [1, 10, 100]); "no limit" (max_dets < 0): the number of results
+    ev.params.maxDets = [max_dets if max_dets >= 0 else max(len(results), 1)]
+    ev.run()
+    s = ev.stats_as_dict
+    summary = {"AP": s["AP_all"], "AP50": s["AP_50"], "AP75": s["AP_75"], "APs": s["AP_small"],
+               "APm": s["AP_medium"], "APl": s["AP_large"], "APr": s["APr"], "APc": s["APc"], "APf": s["APf"],
+               "AR@%d" % max_dets: s["AR_all"], "ARs@%d" % max_dets: s["AR_small"],
+               "ARm@%d" % max_dets: s["AR_medium"], "ARl@%d" % max_dets: s["AR_large"]}
+    # precision is [T, R, K, A, M]: area 'all' (index 0), the one maxDets value
+    return ({k: float(v) for k, v in summary.items()}, ev.eval["precision"][:, :, :, 0, -1],
+            [int(c) for c in ev.params.catIds])
 
 
 def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optional[str] = None,
@@ -152,19 +265,14 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
     `detections`: list of {"image_id", "boxes" [K, 4] x1y1x2y2 original pixels, "scores" [K], "labels" [K]}
     (tensors or arrays; labels are category ids unless `label_to_category_id` maps them).
     `train_instance_counts` overrides the categories' `instance_count` for the AP1..AP4 bins.
+    `backend`: "lvis" (the official lvis-api) or "faster-coco-eval" (its LVIS mode, in C++; the same metrics, see
+    the module docstring); the latter raises ImportError when the faster-coco-eval package cannot be imported.
     Writes `metrics.json` and `results.json` into `out_dir` when given.
     """
-    if backend not in ("lvis", "faster-coco-eval"):
+    if backend not in BACKENDS:
         raise ValueError("unknown backend %r (use 'lvis' or 'faster-coco-eval')" % backend)
     if backend == "faster-coco-eval":
-        try:
-            import faster_coco_eval  # noqa: F401
-        except ImportError:
-            raise ImportError("backend='faster-coco-eval' needs the faster-coco-eval package; "
-                              "use backend='lvis'") from None
-        raise NotImplementedError("the faster-coco-eval backend is not implemented yet; use backend='lvis'")
-    _np_compat()
-    from lvis import LVIS, LVISEval, LVISResults
+        _import_faster_coco_eval()  # fail before any work, empty results included
 
     with open(gt_ann_file) as f:
         raw_gt = json.load(f)
@@ -195,42 +303,13 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
     if not results:
         metrics = _empty_metrics(gt, train_counts)
     else:
-        tmp = None
-        try:
-            if gt is raw_gt:
-                lvis_gt = LVIS(gt_ann_file)
-            else:
-                fd, tmp = tempfile.mkstemp(suffix=".json")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(gt, f)
-                lvis_gt = LVIS(tmp)
-            quiet = logging.getLogger("lvis")
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)  # "Assuming user provided the results in correct format." etc.
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls the deprecated logger.warn
-                    dt = LVISResults(lvis_gt, copy.deepcopy(results), max_dets=max_dets)
-                    ev = LVISEval(lvis_gt, dt, iou_type="bbox")
-                    ev.params.max_dets = max_dets
-                    ev.run()
-            finally:
-                quiet.setLevel(level)
-        finally:
-            if tmp is not None:
-                os.unlink(tmp)
-        metrics = {k: float(v) for k, v in ev.get_results().items()}
-        metrics = {("AR@300" if k.startswith("AR@") else k): v for k, v in metrics.items()}
-        prec = ev.eval["precision"]  # [T, R, K, A]
-        per_class = {}
-        for k, cid in enumerate(ev.params.cat_ids):
-            p = prec[:, :, k, 0]
-            p = p[p > -1]
-            per_class[int(cid)] = float(np.mean(p)) if p.size else -1.0
-        metrics["per_class_ap"] = per_class
-        for b in range(1, 5):
-            vals = [ap for cid, ap in per_class.items() if ap >= 0 and instance_bin(train_counts.get(cid, 0)) == b]
-            metrics["AP%d" % b] = float(np.mean(vals)) if vals else -1.0
+        if backend == "lvis":
+            summary, precision, eval_cat_ids = _run_lvis(gt, gt_ann_file if gt is raw_gt else None, results,
+                                                         max_dets)
+        else:
+            summary, precision, eval_cat_ids = _run_faster_coco_eval(gt, results, max_dets)
+        metrics = {("AR@300" if k.startswith("AR@") else k): v for k, v in summary.items()}
+        metrics.update(_class_metrics(precision, eval_cat_ids, train_counts))
     metrics["num_detections"] = len(results)
     metrics["num_images"] = len(gt_img_ids)
     for k in METRIC_KEYS:
