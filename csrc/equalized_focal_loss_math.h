@@ -21,26 +21,33 @@ LTK_EFL_HD double ex(double v) { return ::exp(v); }
 LTK_EFL_HD float lg1p(float v) { return ::log1pf(v); }
 LTK_EFL_HD double lg1p(double v) { return ::log1p(v); }
 
+// What both need of z: e = exp(-|z|), -log p_t and -log(1 - p_t).
 template <typename A>
-LTK_EFL_HD A loss_term(A z, A gamma, A aw) {
+struct NegLogs {
+  A e, nlog_pt, nlog_qt;
+};
+
+template <typename A>
+LTK_EFL_HD NegLogs<A> neg_logs(A z) {
   const A e = ex(z < A(0) ? z : -z);  // exp(-|z|)
   const A l1 = lg1p(e);
-  const A nlog_pt = (z < A(0) ? -z : A(0)) + l1;
-  const A nlog_qt = (z > A(0) ? z : A(0)) + l1;
-  return aw * ex(-gamma * nlog_qt) * nlog_pt;
+  return {e, (z < A(0) ? -z : A(0)) + l1, (z > A(0) ? z : A(0)) + l1};
+}
+
+template <typename A>
+LTK_EFL_HD A loss_term(A z, A gamma, A aw) {
+  const NegLogs<A> l = neg_logs(z);
+  return aw * ex(-gamma * l.nlog_qt) * l.nlog_pt;
 }
 
 // dterm/dz (times nothing: the caller applies dz/dx, the upstream gradient and 1/normalizer).
 template <typename A>
 LTK_EFL_HD A grad_z(A z, A gamma, A aw) {
-  const A e = ex(z < A(0) ? z : -z);  // exp(-|z|)
-  const A l1 = lg1p(e);
-  const A nlog_pt = (z < A(0) ? -z : A(0)) + l1;
-  const A nlog_qt = (z > A(0) ? z : A(0)) + l1;
-  const A r = A(1) / (A(1) + e);
-  const A pt = z >= A(0) ? r : e * r;  // p_t
-  const A qt = z >= A(0) ? e * r : r;  // 1 - p_t, computed directly
-  return -aw * ex(-gamma * nlog_qt) * (gamma * pt * nlog_pt + qt);
+  const NegLogs<A> l = neg_logs(z);
+  const A r = A(1) / (A(1) + l.e);
+  const A pt = z >= A(0) ? r : l.e * r;  // p_t
+  const A qt = z >= A(0) ? l.e * r : r;  // 1 - p_t, computed directly
+  return -aw * ex(-gamma * l.nlog_qt) * (gamma * pt * l.nlog_pt + qt);
 }
 
 }  // namespace ltk::efl

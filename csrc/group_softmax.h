@@ -1,5 +1,9 @@
-// Shape and dtype checks of group_softmax_loss shared by the CPU and CUDA kernels (device checks stay with each).
+// Argument handling of group_softmax_loss shared by the CPU and CUDA kernels: the shape and dtype checks, the
+// contiguous inputs and the allocated outputs (device checks, and on CPU the checks that read the data, stay with
+// each backend).
 #pragma once
+
+#include <tuple>
 
 #include "common.h"
 
@@ -23,5 +27,35 @@ inline void check_group_softmax_loss_args(const at::Tensor& logits, const at::Te
   TORCH_CHECK(label_targets.size(1) == G1 && label_targets.scalar_type() == at::kLong,
               "label_targets must be int64 [C + 1, G + 1]");
 }
+
+// group_softmax_loss's inputs, checked and contiguous, with its outputs allocated on the logits' device:
+// grad [N, K] in the logits' dtype and row_loss [N] in the accumulation dtype (float64 for float64 logits, else
+// float32), summed by loss_result().
+// The caller has checked that logits is 2-D and group_offsets 1-D.
+struct GroupSoftmaxLossArgs {
+  at::Tensor logits, labels, selected, scale, label_targets, group_offsets;
+  at::Tensor grad, row_loss;
+  int64_t N = 0, K = 0, G1 = 0;
+
+  GroupSoftmaxLossArgs(const at::Tensor& logits_, const at::Tensor& labels_, const at::Tensor& selected_,
+                       const at::Tensor& scale_, const at::Tensor& label_targets_, const at::Tensor& group_offsets_) {
+    check_group_softmax_loss_args(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
+    N = logits_.size(0);
+    K = logits_.size(1);
+    G1 = group_offsets_.size(0) - 1;
+    const auto acc_type = logits_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    logits = logits_.contiguous();
+    labels = labels_.contiguous();
+    selected = selected_.contiguous();
+    scale = scale_.contiguous();
+    label_targets = label_targets_.contiguous();
+    group_offsets = group_offsets_.contiguous();
+    grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    row_loss = at::empty({N}, logits.options().dtype(acc_type));
+  }
+
+  // (loss: the sum of the row losses, 0-D in the logits' dtype; grad)
+  std::tuple<at::Tensor, at::Tensor> loss_result() const { return {row_loss.sum().to(logits.scalar_type()), grad}; }
+};
 
 }  // namespace ltk

@@ -39,6 +39,32 @@ __device__ __forceinline__ void class_weights(const A* __restrict__ pos_neg, int
   w = p.scale == 0 ? A(1) : g / static_cast<A>(p.gamma_b);
 }
 
+// f(j, pos, z, gamma, aw) for the columns j = threadIdx.x + k * kThreads < c of one row, kUnroll of them loaded
+// before any maths (more bytes in flight): pos = (j is the row's positive column jp), z = pos ? x[j] : -x[j],
+// gamma = gamma_j, aw = alpha_t * w_j.
+template <typename scalar_t, typename A, typename F>
+__device__ __forceinline__ void for_each_column(const scalar_t* __restrict__ row, int64_t c, int64_t jp,
+                                                const A* __restrict__ pos_neg, const Params& p, F&& f) {
+  for (int64_t j0 = threadIdx.x; j0 < c; j0 += kThreads * kUnroll) {
+    A v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kThreads;
+      v[u] = j < c ? static_cast<A>(row[j]) : A(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * kThreads;
+      if (j < c) {
+        A gamma, w;
+        class_weights(pos_neg, j, p, gamma, w);
+        const bool pos = j == jp;
+        f(j, pos, pos ? v[u] : -v[u], gamma, w * static_cast<A>(pos ? p.a_pos : p.a_neg));
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename A>
 __global__ void __launch_bounds__(kThreads) efl_forward_kernel(const scalar_t* __restrict__ x,
                                                                const int64_t* __restrict__ labels,
@@ -52,24 +78,9 @@ __global__ void __launch_bounds__(kThreads) efl_forward_kernel(const scalar_t* _
     CUDA_KERNEL_ASSERT(y >= 0 && y <= c && "labels must lie in 0..C or be ignore_index");
     const int64_t jp = y - 1;
     const scalar_t* row = x + i * c;
-    for (int64_t j0 = threadIdx.x; j0 < c; j0 += kThreads * kUnroll) {
-      A v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u * kThreads;
-        v[u] = j < c ? static_cast<A>(row[j]) : A(0);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u * kThreads;
-        if (j < c) {
-          A gamma, w;
-          class_weights(pos_neg, j, p, gamma, w);
-          const bool pos = j == jp;
-          acc += loss_term<A>(pos ? v[u] : -v[u], gamma, w * static_cast<A>(pos ? p.a_pos : p.a_neg));
-        }
-      }
-    }
+    for_each_column(row, c, jp, pos_neg, p, [&](int64_t, bool, A z, A gamma, A aw) {
+      acc += loss_term<A>(z, gamma, aw);
+    });
   }
   // block reduction: warp shuffles, then the warps' sums through shared memory
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
@@ -111,32 +122,17 @@ __global__ void __launch_bounds__(kThreads) efl_backward_kernel(
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y <= c && "labels must lie in 0..C or be ignore_index");
     const int64_t jp = y - 1;
-    for (int64_t j0 = threadIdx.x; j0 < c; j0 += kThreads * kUnroll) {
-      A v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u * kThreads;
-        v[u] = j < c ? static_cast<A>(row[j]) : A(0);
+    for_each_column(row, c, jp, pos_neg, p, [&](int64_t j, bool pos, A z, A gamma, A aw) {
+      const A dz = grad_z<A>(z, gamma, aw);
+      const A g = (pos ? dz : -dz) * gscale;
+      grow[j] = static_cast<scalar_t>(g);
+      const A ag = g < A(0) ? -g : g;
+      if constexpr (SMEM) {
+        if (pos) s_pos[j] += ag; else s_neg[j] += ag;
+      } else {
+        atomicAdd(pos ? pos_out + j : neg_out + j, ag);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u * kThreads;
-        if (j < c) {
-          A gamma, w;
-          class_weights(pos_neg, j, p, gamma, w);
-          const bool pos = j == jp;
-          const A dz = grad_z<A>(pos ? v[u] : -v[u], gamma, w * static_cast<A>(pos ? p.a_pos : p.a_neg));
-          const A g = (pos ? dz : -dz) * gscale;
-          grow[j] = static_cast<scalar_t>(g);
-          const A ag = g < A(0) ? -g : g;
-          if constexpr (SMEM) {
-            if (pos) s_pos[j] += ag; else s_neg[j] += ag;
-          } else {
-            atomicAdd(pos ? pos_out + j : neg_out + j, ag);
-          }
-        }
-      }
-    }
+    });
   }
   if constexpr (SMEM) {
     if (partial != nullptr) {  // deterministic: one row of partials per block

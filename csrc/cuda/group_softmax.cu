@@ -157,31 +157,21 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cuda(const at::Tensor& log
   for (const at::Tensor* t : {&labels_, &selected_, &scale_, &label_targets_, &group_offsets_})
     TORCH_CHECK(t->device() == logits_.device(), "all inputs must be on ", logits_.device(), ", got ", t->device());
   c10::cuda::CUDAGuard guard(logits_.device());
-  const int64_t N = logits_.size(0), K = logits_.size(1);
-  const int64_t G1 = group_offsets_.size(0) - 1;
-  ltk::check_group_softmax_loss_args(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
-  const auto acc_type = logits_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Label ranges and the layout are validated by the Python caller (no host sync here).
-  const auto logits = logits_.contiguous();
-  const auto labels = labels_.contiguous();
-  const auto selected = selected_.contiguous();
-  const auto scale = scale_.contiguous();
-  const auto label_targets = label_targets_.contiguous();
-  const auto offsets = group_offsets_.contiguous();
-  auto grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  auto row_loss = at::empty({N}, logits.options().dtype(acc_type));
+  const ltk::GroupSoftmaxLossArgs a(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
+  const int64_t N = a.N, K = a.K, G1 = a.G1;
   if (N > 0 && K > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
-    LTK_DISPATCH_FLOATING(logits.scalar_type(), "group_softmax_loss_cuda", [&] {
+    LTK_DISPATCH_FLOATING(a.logits.scalar_type(), "group_softmax_loss_cuda", [&] {
       using acc_t = ltk::acc_t<scalar_t>;
       group_softmax_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), selected.data_ptr<bool>(),
-          scale.data_ptr<acc_t>(), label_targets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), N, K,
-          static_cast<int>(G1), grad.data_ptr<scalar_t>(), row_loss.data_ptr<acc_t>());
+          a.logits.data_ptr<scalar_t>(), a.labels.data_ptr<int64_t>(), a.selected.data_ptr<bool>(),
+          a.scale.data_ptr<acc_t>(), a.label_targets.data_ptr<int64_t>(), a.group_offsets.data_ptr<int64_t>(), N, K,
+          static_cast<int>(G1), a.grad.data_ptr<scalar_t>(), a.row_loss.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {row_loss.sum().to(logits.scalar_type()), grad};
+  return a.loss_result();
 }
 
 at::Tensor group_softmax_scores_cuda(const at::Tensor& logits_, const at::Tensor& group_offsets_,
