@@ -1,11 +1,10 @@
 // CPU kernels of the NMS family (schemas in csrc/nms.cpp).
 //
-// Exactness: the IoU of two boxes is computed exactly as torchvision's CPU kernel does it, in the input's type
-// (float32 / float64; float16 / bfloat16 are upcast to float32 and then behave like float32 inputs):
-//   area = (x2 - x1) * (y2 - y1), w = max(0, min(x2) - max(x1)), h likewise, inter = w * h,
-//   iou = inter / (area_i + area_j - inter), suppressed iff (double)iou > iou_threshold.
-// That comparison is done in the compute type against the largest compute-type value <= iou_threshold, which is
-// equivalent. The file is built without FMA contraction (no -march flags), like torchvision's wheels.
+// Exactness: the IoU of two boxes is computed exactly as torchvision's CPU kernel does it (csrc/nms_math.h, shared
+// with the CUDA kernels), in the input's type (float32 / float64; float16 / bfloat16 are upcast to float32 and then
+// behave like float32 inputs); suppressed iff (double)iou > iou_threshold, compared in the compute type against
+// threshold_below(iou_threshold). The file is built without FMA contraction (no -march flags), like torchvision's
+// wheels.
 //
 // Order: candidates are walked in decreasing score, ties broken by the lower index (a stable descending sort).
 // Greedy NMS keeps a box iff no earlier kept box of its class overlaps it, so a walk in that order that tests each
@@ -22,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "nms_math.h"
 
 namespace {
 
@@ -30,17 +30,7 @@ namespace {
 template <typename T>
 using calc_t = ltk::acc_t<T>;
 
-// The largest C value <= thr: for a C value v, v > thr (compared in double) iff v > threshold_below(thr).
-template <typename C>
-C threshold_below(double thr) {
-  if constexpr (std::is_same_v<C, double>) {
-    return thr;
-  } else {
-    C t = static_cast<C>(thr);
-    if (static_cast<double>(t) > thr) t = std::nextafter(t, -std::numeric_limits<C>::infinity());
-    return t;
-  }
-}
+using ltk::nms::threshold_below;
 
 template <typename C>
 struct KeptBoxes {  // structure of arrays of the boxes kept so far (of one class)
@@ -51,12 +41,6 @@ struct KeptBoxes {  // structure of arrays of the boxes kept so far (of one clas
   size_t size() const { return x1.size(); }
   void clear() { x1.clear(), y1.clear(), x2.clear(), y2.clear(), area.clear(); }
 };
-
-// std::max / std::min spelled out (the same expressions) so that GCC vectorises them exactly (maxps / minps).
-template <typename C>
-inline C max_(C a, C b) { return (a < b) ? b : a; }
-template <typename C>
-inline C min_(C a, C b) { return (b < a) ? b : a; }
 
 // Whether the box (bx1, by1, bx2, by2, barea) overlaps any kept box with IoU > threshold.
 template <typename C>
@@ -72,22 +56,26 @@ inline bool overlaps_any(const KeptBoxes<C>& kept, C bx1, C by1, C bx2, C by2, C
   for (; k + kBlock <= n; k += kBlock) {
     int hit = 0;
     for (size_t u = 0; u < kBlock; ++u) {
-      const C w = max_(C(0), min_(kx2[k + u], bx2) - max_(kx1[k + u], bx1));
-      const C h = max_(C(0), min_(ky2[k + u], by2) - max_(ky1[k + u], by1));
-      const C inter = w * h;
-      const C iou = inter / (ka[k + u] + barea - inter);
-      hit |= (iou > thr) ? 1 : 0;
+      const size_t j = k + u;
+      hit |= ltk::nms::iou_above(kx1[j], ky1[j], kx2[j], ky2[j], ka[j], bx1, by1, bx2, by2, barea, thr) ? 1 : 0;
     }
     if (hit) return true;
   }
   for (; k < n; ++k) {
-    const C w = max_(C(0), min_(kx2[k], bx2) - max_(kx1[k], bx1));
-    const C h = max_(C(0), min_(ky2[k], by2) - max_(ky1[k], by1));
-    const C inter = w * h;
-    const C iou = inter / (ka[k] + barea - inter);
-    if (iou > thr) return true;
+    if (ltk::nms::iou_above(kx1[k], ky1[k], kx2[k], ky2[k], ka[k], bx1, by1, bx2, by2, barea, thr)) return true;
   }
   return false;
+}
+
+// Greedy step: keeps the box bx (4 values of T) unless a kept box overlaps it; returns whether it was kept.
+template <typename T, typename C>
+inline bool keep_unless_overlapping(KeptBoxes<C>& kept, const T* bx, C thr) {
+  const C x1 = static_cast<C>(bx[0]), y1 = static_cast<C>(bx[1]);
+  const C x2 = static_cast<C>(bx[2]), y2 = static_cast<C>(bx[3]);
+  const C area = ltk::nms::box_area(x1, y1, x2, y2);
+  if (overlaps_any(kept, x1, y1, x2, y2, area, thr)) return false;
+  kept.push(x1, y1, x2, y2, area);
+  return true;
 }
 
 // Non-finite boxes or NaN scores are rejected (ValueError in Python), in one parallel pass.
@@ -115,38 +103,19 @@ void check_values<double>(const double* p, int64_t n, bool allow_inf, const char
   TORCH_CHECK_VALUE(!bad.load(), what, allow_inf ? " contains NaN values" : " contains NaN or infinite values");
 }
 
-void check_boxes_scores(const at::Tensor& boxes, const at::Tensor& scores) {
-  LTK_CHECK_CPU(boxes);
-  LTK_CHECK_CPU(scores);
-  LTK_CHECK_DIM(boxes, 2);
-  TORCH_CHECK(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.sizes());
-  LTK_CHECK_DIM(scores, 1);
-  TORCH_CHECK(boxes.size(0) == scores.size(0), "boxes and scores must have the same length, got ", boxes.size(0),
-              " and ", scores.size(0));
-  TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "boxes and scores must have the same dtype, got ",
-              boxes.scalar_type(), " and ", scores.scalar_type());
-}
-
 // Greedy NMS of the candidates `order` (already in walk order) of one class; appends kept ones to `out`.
 template <typename T>
 void greedy(const T* b, const int64_t* order, int64_t n, calc_t<T> thr, KeptBoxes<calc_t<T>>& kept,
             std::vector<int64_t>& out) {
-  using C = calc_t<T>;
   kept.clear();
   for (int64_t t = 0; t < n; ++t) {
     const int64_t i = order[t];
-    const C x1 = static_cast<C>(b[4 * i]), y1 = static_cast<C>(b[4 * i + 1]);
-    const C x2 = static_cast<C>(b[4 * i + 2]), y2 = static_cast<C>(b[4 * i + 3]);
-    const C area = (x2 - x1) * (y2 - y1);
-    if (!overlaps_any(kept, x1, y1, x2, y2, area, thr)) {
-      kept.push(x1, y1, x2, y2, area);
-      out.push_back(i);
-    }
+    if (keep_unless_overlapping(kept, b + 4 * i, thr)) out.push_back(i);
   }
 }
 
 at::Tensor nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in, double iou_threshold) {
-  check_boxes_scores(boxes_in, scores_in);
+  ltk::nms::check_boxes_scores(boxes_in, scores_in, at::kCPU);
   const int64_t n = boxes_in.size(0);
   if (n == 0) return at::empty({0}, boxes_in.options().dtype(at::kLong));
   const auto boxes = boxes_in.contiguous();
@@ -170,13 +139,8 @@ at::Tensor nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in, doub
 
 at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor& idxs_in,
                            double iou_threshold) {
-  check_boxes_scores(boxes_in, scores_in);
-  LTK_CHECK_CPU(idxs_in);
-  LTK_CHECK_DIM(idxs_in, 1);
-  TORCH_CHECK(idxs_in.size(0) == boxes_in.size(0), "idxs must have one entry per box, got ", idxs_in.size(0),
-              " for ", boxes_in.size(0), " boxes");
-  TORCH_CHECK(!at::isFloatingType(idxs_in.scalar_type()) && idxs_in.scalar_type() != at::kBool,
-              "idxs must be an integer tensor, got ", idxs_in.scalar_type());
+  ltk::nms::check_boxes_scores(boxes_in, scores_in, at::kCPU);
+  ltk::nms::check_idxs(idxs_in, boxes_in, at::kCPU);
   const int64_t n = boxes_in.size(0);
   if (n == 0) return at::empty({0}, boxes_in.options().dtype(at::kLong));
   const auto boxes = boxes_in.contiguous();
@@ -264,11 +228,7 @@ void multiclass_image(const T* boxes, bool class_specific, const T* scores, int6
       const int64_t flat = cand[t].flat;
       const int64_t r = flat / C, c = flat - r * C;
       const T* bx = class_specific ? boxes + flat * 4 : boxes + r * 4;
-      const Cc x1 = static_cast<Cc>(bx[0]), y1 = static_cast<Cc>(bx[1]);
-      const Cc x2 = static_cast<Cc>(bx[2]), y2 = static_cast<Cc>(bx[3]);
-      const Cc area = (x2 - x1) * (y2 - y1);
-      if (!overlaps_any(kept[c], x1, y1, x2, y2, area, iou_thr)) {
-        kept[c].push(x1, y1, x2, y2, area);
+      if (keep_unless_overlapping(kept[c], bx, iou_thr)) {
         out.push_back({flat, cand[t].score});
         ++num_kept;
       }
@@ -281,21 +241,9 @@ void multiclass_image(const T* boxes, bool class_specific, const T* scores, int6
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms_cpu(
     const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor& image_index_in, int64_t num_images,
     double score_threshold, double iou_threshold, int64_t max_per_image) {
-  LTK_CHECK_CPU(boxes_in);
-  LTK_CHECK_CPU(scores_in);
-  LTK_CHECK_CPU(image_index_in);
-  LTK_CHECK_DIM(scores_in, 2);
+  ltk::nms::check_multiclass_args(boxes_in, scores_in, image_index_in, num_images, at::kCPU);
   const int64_t n = scores_in.size(0), C = scores_in.size(1);
   const bool class_specific = boxes_in.dim() == 3;
-  TORCH_CHECK((boxes_in.dim() == 2 && boxes_in.size(0) == n && boxes_in.size(1) == 4) ||
-                  (class_specific && boxes_in.size(0) == n && boxes_in.size(1) == C && boxes_in.size(2) == 4),
-              "boxes must have shape [N, 4] or [N, C, 4] for scores of shape [N, C] = ", scores_in.sizes(),
-              ", got ", boxes_in.sizes());
-  TORCH_CHECK(boxes_in.scalar_type() == scores_in.scalar_type(), "boxes and scores must have the same dtype");
-  TORCH_CHECK(image_index_in.scalar_type() == at::kLong && image_index_in.dim() == 1 &&
-                  image_index_in.size(0) == n,
-              "image_index must be an int64 tensor of shape [N]");
-  TORCH_CHECK(num_images >= 0, "num_images must be >= 0");
   const auto boxes = boxes_in.contiguous();
   const auto scores = scores_in.contiguous();
   const auto image_index = image_index_in.contiguous();

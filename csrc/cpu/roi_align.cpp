@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "roi_align_math.h"
 
 namespace {
 
@@ -34,45 +35,10 @@ LTK_CPU_CLONES void axpy(double* __restrict y, double a, const double* __restric
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// ---- per-RoI geometry (same arithmetic as torchvision's kernels, in the accumulation type) -----------------
-template <typename acc>
-struct Geometry {
-  int64_t batch;
-  acc start_h, start_w, bin_h, bin_w;
-  int64_t grid_h, grid_w;
-  acc inv_count;
+struct Dims {
+  int64_t K, N, C, H, W, PH, PW, sampling_ratio;
+  bool aligned;
 };
-
-template <typename acc>
-int64_t grid_size(acc roi_len, int64_t pooled, int64_t sampling_ratio) {
-  if (sampling_ratio > 0) return sampling_ratio;
-  const acc g = std::ceil(roi_len / static_cast<acc>(pooled));
-  if (!(g > 0)) return 0;  // empty, inverted or NaN RoI: no samples, output 0
-  return g < static_cast<acc>(1 << 30) ? static_cast<int64_t>(g) : (int64_t{1} << 30);
-}
-
-template <typename acc>
-Geometry<acc> geometry(const acc* roi, acc scale, int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned) {
-  Geometry<acc> g;
-  g.batch = static_cast<int64_t>(roi[0]);
-  const acc offset = aligned ? acc(0.5) : acc(0);
-  g.start_w = roi[1] * scale - offset;
-  g.start_h = roi[2] * scale - offset;
-  const acc end_w = roi[3] * scale - offset;
-  const acc end_h = roi[4] * scale - offset;
-  acc roi_w = end_w - g.start_w;
-  acc roi_h = end_h - g.start_h;
-  if (!aligned) {  // legacy mode: malformed RoIs become at least 1x1
-    roi_w = std::max(roi_w, acc(1));
-    roi_h = std::max(roi_h, acc(1));
-  }
-  g.bin_h = roi_h / static_cast<acc>(PH);
-  g.bin_w = roi_w / static_cast<acc>(PW);
-  g.grid_h = grid_size(roi_h, PH, sampling_ratio);
-  g.grid_w = grid_size(roi_w, PW, sampling_ratio);
-  g.inv_count = acc(1) / static_cast<acc>(std::max<int64_t>(g.grid_h * g.grid_w, 1));
-  return g;
-}
 
 // Merged per-axis taps of every bin: entries [begin[p], begin[p + 1]) of (index, weight) for bin p.
 template <typename acc>
@@ -101,17 +67,9 @@ struct Axis {
     for (int64_t p = 0; p < pooled; ++p) {
       const size_t first = index.size();
       for (int64_t i = 0; i < grid && size > 0; ++i) {
-        acc v = start + p * bin + static_cast<acc>(i + .5f) * bin / static_cast<acc>(grid);
-        if (!(v >= acc(-1) && v <= static_cast<acc>(size))) continue;  // outside the map (or NaN): contributes 0
-        if (v <= 0) v = 0;
-        int64_t lo = static_cast<int64_t>(v), hi;
-        if (lo >= size - 1) {
-          lo = hi = size - 1;
-          v = static_cast<acc>(lo);
-        } else {
-          hi = lo + 1;
-        }
-        const acc l = v - static_cast<acc>(lo);
+        int64_t lo, hi;
+        acc l;
+        if (!ltk::roi_align::axis_taps(ltk::roi_align::sample_pos(start, p, bin, i, grid), size, lo, hi, l)) continue;
         add(first, lo, (acc(1) - l) * scale);
         add(first, hi, l * scale);
       }
@@ -119,6 +77,16 @@ struct Axis {
     }
   }
 };
+
+// Builds both tables of one RoI (the 1/count of the bin mean folded into the row weights); returns its batch index.
+template <typename acc>
+int64_t build_tables(Axis<acc>& ay, Axis<acc>& ax, const acc* roi, acc scale, const Dims& d) {
+  const auto b = ltk::roi_align::box(roi, scale, d.PH, d.PW, d.sampling_ratio, d.aligned, int64_t{1} << 30);
+  const acc inv_count = acc(1) / static_cast<acc>(std::max<int64_t>(b.grid_h * b.grid_w, 1));
+  ay.build(b.start_h, b.bin_h, d.PH, b.grid_h, d.H, inv_count);
+  ax.build(b.start_w, b.bin_w, d.PW, b.grid_w, d.W, acc(1));
+  return static_cast<int64_t>(roi[0]);
+}
 
 template <typename acc>
 void check_batch_indices(const acc* rois, int64_t K, int64_t N) {
@@ -136,10 +104,26 @@ bool prefer_channels_last(int64_t K, int64_t PH, int64_t PW, int64_t sampling_ra
   return static_cast<double>(K) * PH * PW * taps_per_bin >= 2.0 * N * H * W;
 }
 
-struct Dims {
-  int64_t K, N, C, H, W, PH, PW, sampling_ratio;
-  bool aligned;
-};
+// Checks of the arguments that forward and backward share; `t` is the input or the incoming gradient.
+void check_args(const at::Tensor& t, const char* name, const at::Tensor& rois, int64_t PH, int64_t PW) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  LTK_CHECK_CPU(rois);
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got shape ", t.sizes());
+  LTK_CHECK_DIM(rois, 2);
+  TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be a floating-point tensor, got ",
+              rois.scalar_type());
+  TORCH_CHECK(PH > 0 && PW > 0, "pooled_height and pooled_width must be positive, got ", PH, " and ", PW);
+}
+
+// The RoIs in the accumulation type, with their batch indices checked.
+template <typename acc>
+at::Tensor checked_rois(const at::Tensor& rois, const Dims& d) {
+  at::Tensor r = rois.to(c10::CppTypeToScalarType<acc>::value).contiguous();
+  check_batch_indices(r.const_data_ptr<acc>(), d.K, d.N);
+  return r;
+}
 
 // ---- forward ------------------------------------------------------------------------------------------------
 template <typename T, typename acc>
@@ -149,10 +133,8 @@ void forward_channels_last(const acc* in /*[N,H,W,C]*/, const acc* rois, acc sca
     const int64_t bins = d.PH * d.PW;
     std::vector<acc> tmp(bins * d.C);
     for (int64_t k = k0; k < k1; ++k) {
-      const auto g = geometry(rois + 5 * k, scale, d.PH, d.PW, d.sampling_ratio, d.aligned);
-      ay.build(g.start_h, g.bin_h, d.PH, g.grid_h, d.H, g.inv_count);
-      ax.build(g.start_w, g.bin_w, d.PW, g.grid_w, d.W, acc(1));
-      const acc* img = in + g.batch * d.H * d.W * d.C;
+      const int64_t batch = build_tables(ay, ax, rois + 5 * k, scale, d);
+      const acc* img = in + batch * d.H * d.W * d.C;
       std::fill(tmp.begin(), tmp.end(), acc(0));
       for (int64_t ph = 0; ph < d.PH; ++ph) {
         for (int64_t pw = 0; pw < d.PW; ++pw) {
@@ -180,11 +162,9 @@ void forward_nchw(const T* in /*[N,C,H,W]*/, const acc* rois, acc scale, T* out,
     Axis<acc> ay, ax;
     const int64_t bins = d.PH * d.PW;
     for (int64_t k = k0; k < k1; ++k) {
-      const auto g = geometry(rois + 5 * k, scale, d.PH, d.PW, d.sampling_ratio, d.aligned);
-      ay.build(g.start_h, g.bin_h, d.PH, g.grid_h, d.H, g.inv_count);
-      ax.build(g.start_w, g.bin_w, d.PW, g.grid_w, d.W, acc(1));
+      const int64_t batch = build_tables(ay, ax, rois + 5 * k, scale, d);
       for (int64_t c = 0; c < d.C; ++c) {
-        const T* plane = in + (g.batch * d.C + c) * d.H * d.W;
+        const T* plane = in + (batch * d.C + c) * d.H * d.W;
         T* o = out + (k * d.C + c) * bins;
         for (int64_t ph = 0; ph < d.PH; ++ph) {
           for (int64_t pw = 0; pw < d.PW; ++pw) {
@@ -207,17 +187,7 @@ void forward_nchw(const T* in /*[N,C,H,W]*/, const acc* rois, acc scale, T* out,
 
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                  int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
-  LTK_CHECK_CPU(input);
-  LTK_CHECK_CPU(rois);
-  LTK_CHECK_DIM(input, 4);
-  LTK_CHECK_DIM(rois, 2);
-  TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "input must be a floating-point tensor, got ",
-              input.scalar_type());
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be a floating-point tensor, got ",
-              rois.scalar_type());
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "pooled_height and pooled_width must be positive, got ",
-              pooled_height, " and ", pooled_width);
+  check_args(input, "input", rois, pooled_height, pooled_width);
   const Dims d{rois.size(0), input.size(0), input.size(1), input.size(2), input.size(3),
                pooled_height, pooled_width, sampling_ratio, aligned};
   at::Tensor out = at::empty({d.K, d.C, d.PH, d.PW}, input.options());
@@ -227,9 +197,8 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   LTK_DISPATCH_FLOATING(input.scalar_type(), "roi_align_forward_cpu", [&] {
     using acc = ltk::acc_t<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc>::value;
-    const at::Tensor rois_a = rois.to(acc_type).contiguous();
+    const at::Tensor rois_a = checked_rois<acc>(rois, d);
     const acc* r = rois_a.const_data_ptr<acc>();
-    check_batch_indices(r, d.K, d.N);
     const acc scale = static_cast<acc>(spatial_scale);
     const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
     if (channels_last || prefer_channels_last(d.K, d.PH, d.PW, d.sampling_ratio, d.N, d.H, d.W)) {
@@ -258,14 +227,12 @@ void backward_channels_last(const T* grad /*[K,C,PH,PW]*/, const acc* rois, acc 
     const int64_t bins = d.PH * d.PW;
     std::vector<acc> gk(bins * nc);  // this RoI's gradient for this thread's channels, [bin][channel]
     for (int64_t k = 0; k < d.K; ++k) {
-      const auto g = geometry(rois + 5 * k, scale, d.PH, d.PW, d.sampling_ratio, d.aligned);
-      ay.build(g.start_h, g.bin_h, d.PH, g.grid_h, d.H, g.inv_count);
-      ax.build(g.start_w, g.bin_w, d.PW, g.grid_w, d.W, acc(1));
+      const int64_t batch = build_tables(ay, ax, rois + 5 * k, scale, d);
       const T* src = grad + (k * d.C + c0) * bins;
       for (int64_t c = 0; c < nc; ++c) {
         for (int64_t b = 0; b < bins; ++b) gk[b * nc + c] = static_cast<acc>(src[c * bins + b]);
       }
-      acc* img = gi + g.batch * d.H * d.W * d.C + c0;
+      acc* img = gi + batch * d.H * d.W * d.C + c0;
       for (int64_t ph = 0; ph < d.PH; ++ph) {
         for (int64_t pw = 0; pw < d.PW; ++pw) {
           const acc* gb = gk.data() + (ph * d.PW + pw) * nc;
@@ -288,11 +255,9 @@ void backward_nchw(const T* grad /*[K,C,PH,PW]*/, const acc* rois, acc scale, ac
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
     Axis<acc> ay, ax;
     for (int64_t k = 0; k < d.K; ++k) {
-      const auto g = geometry(rois + 5 * k, scale, d.PH, d.PW, d.sampling_ratio, d.aligned);
-      ay.build(g.start_h, g.bin_h, d.PH, g.grid_h, d.H, g.inv_count);
-      ax.build(g.start_w, g.bin_w, d.PW, g.grid_w, d.W, acc(1));
+      const int64_t batch = build_tables(ay, ax, rois + 5 * k, scale, d);
       for (int64_t c = c0; c < c1; ++c) {
-        acc* plane = gi + (g.batch * d.C + c) * d.H * d.W;
+        acc* plane = gi + (batch * d.C + c) * d.H * d.W;
         const T* gk = grad + (k * d.C + c) * d.PH * d.PW;
         for (int64_t ph = 0; ph < d.PH; ++ph) {
           for (int64_t pw = 0; pw < d.PW; ++pw) {
@@ -314,16 +279,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                   bool deterministic) {
   // `deterministic` changes nothing here: the CPU backward is always deterministic.
-  LTK_CHECK_CPU(grad);
-  LTK_CHECK_CPU(rois);
-  LTK_CHECK_DIM(grad, 4);
-  LTK_CHECK_DIM(rois, 2);
-  TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be a floating-point tensor, got ",
-              grad.scalar_type());
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be a floating-point tensor, got ",
-              rois.scalar_type());
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "pooled_height and pooled_width must be positive");
+  check_args(grad, "grad", rois, pooled_height, pooled_width);
   TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, "input sizes must be non-negative");
   TORCH_CHECK(grad.size(0) == rois.size(0) && grad.size(1) == channels && grad.size(2) == pooled_height &&
                   grad.size(3) == pooled_width,
@@ -337,9 +293,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   LTK_DISPATCH_FLOATING(grad.scalar_type(), "roi_align_backward_cpu", [&] {
     using acc = ltk::acc_t<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc>::value;
-    const at::Tensor rois_a = rois.to(acc_type).contiguous();
+    const at::Tensor rois_a = checked_rois<acc>(rois, d);
     const acc* r = rois_a.const_data_ptr<acc>();
-    check_batch_indices(r, d.K, d.N);
     const acc scale = static_cast<acc>(spatial_scale);
     if (prefer_channels_last(d.K, d.PH, d.PW, d.sampling_ratio, d.N, d.H, d.W)) {
       const at::Tensor g = grad.contiguous();

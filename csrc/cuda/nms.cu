@@ -1,7 +1,7 @@
 // CUDA kernels of the NMS family (schemas in csrc/nms.cpp; the CPU twins in csrc/cpu/nms.cpp give the contract).
 //
-// The IoU uses the arithmetic of the CPU kernel (and of torchvision's CPU kernel) with correctly rounded
-// intrinsics (__fadd_rn, __fmul_rn, ...), which nvcc never contracts into FMAs, so CPU and CUDA agree bit for bit.
+// The IoU is the CPU kernel's (csrc/nms_math.h, torchvision's CPU arithmetic) with correctly rounded intrinsics
+// (__fadd_rn, __fmul_rn, ...), which nvcc never contracts into FMAs, so CPU and CUDA agree bit for bit.
 // float16/bfloat16 boxes are converted to float32 first; the comparison `iou > threshold` uses the largest value of
 // the compute type <= threshold (the host computes it), which equals comparing in float64.
 //
@@ -18,10 +18,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
-
 #include "common.h"
+#include "nms_math.h"
 
 namespace {
 
@@ -29,43 +27,9 @@ constexpr int kTile = 64;          // boxes per bitmask word
 constexpr int kReduceThreads = 256;
 constexpr int kWalkThreads = 64;   // threads per segment walk
 
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-// std::max / std::min exactly (argument order matters only for signed zeros).
-template <typename C>
-__device__ __forceinline__ C max_(C a, C b) { return (a < b) ? b : a; }
-template <typename C>
-__device__ __forceinline__ C min_(C a, C b) { return (b < a) ? b : a; }
-
-template <typename C>
-__device__ __forceinline__ C box_area(C x1, C y1, C x2, C y2) { return mul_rn(sub_rn(x2, x1), sub_rn(y2, y1)); }
-
-// IoU(a, b) > thr with a the earlier (higher-scored) box, b the later one: the CPU kernel's operation order.
-template <typename C>
-__device__ __forceinline__ bool iou_above(C ax1, C ay1, C ax2, C ay2, C aarea, C bx1, C by1, C bx2, C by2, C barea,
-                                          C thr) {
-  const C w = max_(C(0), sub_rn(min_(ax2, bx2), max_(ax1, bx1)));
-  const C h = max_(C(0), sub_rn(min_(ay2, by2), max_(ay1, by1)));
-  const C inter = mul_rn(w, h);
-  return div_rn(inter, sub_rn(add_rn(aarea, barea), inter)) > thr;
-}
-
-template <typename C>
-C threshold_below(double thr) {
-  if constexpr (std::is_same_v<C, double>) {
-    return thr;
-  } else {
-    C t = static_cast<C>(thr);
-    if (static_cast<double>(t) > thr) t = std::nextafter(t, -std::numeric_limits<C>::infinity());
-    return t;
-  }
-}
+using ltk::nms::box_area;
+using ltk::nms::iou_above;
+using ltk::nms::threshold_below;
 
 // ---- nms: bitmask ----------------------------------------------------------------------------------------
 
@@ -148,22 +112,8 @@ void check_values(const at::Tensor& boxes, const at::Tensor& scores) {
 
 at::ScalarType calc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_boxes_scores(const at::Tensor& boxes, const at::Tensor& scores) {
-  LTK_CHECK_CUDA(boxes);
-  LTK_CHECK_CUDA(scores);
-  LTK_CHECK_DIM(boxes, 2);
-  TORCH_CHECK(boxes.size(1) == 4, "boxes must have shape [N, 4], got ", boxes.sizes());
-  LTK_CHECK_DIM(scores, 1);
-  TORCH_CHECK(boxes.size(0) == scores.size(0), "boxes and scores must have the same length, got ", boxes.size(0),
-              " and ", scores.size(0));
-  TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "boxes and scores must have the same dtype, got ",
-              boxes.scalar_type(), " and ", scores.scalar_type());
-  TORCH_CHECK(scores.device() == boxes.device(), "boxes and scores must be on the same device");
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "boxes must be floating point");
-}
-
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
-  check_boxes_scores(boxes, scores);
+  ltk::nms::check_boxes_scores(boxes, scores, at::kCUDA);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
@@ -254,13 +204,8 @@ at::Tensor segment_walk(const at::Tensor& boxes_c, const at::Tensor& key, double
 
 at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                             double iou_threshold) {
-  check_boxes_scores(boxes, scores);
-  LTK_CHECK_CUDA(idxs);
-  LTK_CHECK_DIM(idxs, 1);
-  TORCH_CHECK(idxs.size(0) == boxes.size(0), "idxs must have one entry per box, got ", idxs.size(0), " for ",
-              boxes.size(0), " boxes");
-  TORCH_CHECK(!at::isFloatingType(idxs.scalar_type()) && idxs.scalar_type() != at::kBool,
-              "idxs must be an integer tensor, got ", idxs.scalar_type());
+  ltk::nms::check_boxes_scores(boxes, scores, at::kCUDA);
+  ltk::nms::check_idxs(idxs, boxes, at::kCUDA);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
@@ -281,22 +226,9 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms_cuda(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& image_index, int64_t num_images,
     double score_threshold, double iou_threshold, int64_t max_per_image) {
-  LTK_CHECK_CUDA(boxes);
-  LTK_CHECK_CUDA(scores);
-  LTK_CHECK_CUDA(image_index);
-  LTK_CHECK_DIM(scores, 2);
-  TORCH_CHECK(boxes.device() == scores.device() && image_index.device() == scores.device(),
-              "boxes, scores and image_index must be on the same device");
+  ltk::nms::check_multiclass_args(boxes, scores, image_index, num_images, at::kCUDA);
   const int64_t n = scores.size(0), C = scores.size(1);
   const bool class_specific = boxes.dim() == 3;
-  TORCH_CHECK((boxes.dim() == 2 && boxes.size(0) == n && boxes.size(1) == 4) ||
-                  (class_specific && boxes.size(0) == n && boxes.size(1) == C && boxes.size(2) == 4),
-              "boxes must have shape [N, 4] or [N, C, 4] for scores of shape [N, C] = ", scores.sizes(), ", got ",
-              boxes.sizes());
-  TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "boxes and scores must have the same dtype");
-  TORCH_CHECK(image_index.scalar_type() == at::kLong && image_index.dim() == 1 && image_index.size(0) == n,
-              "image_index must be an int64 tensor of shape [N]");
-  TORCH_CHECK(num_images >= 0, "num_images must be >= 0");
   c10::cuda::CUDAGuard guard(scores.device());
   const auto long_opts = scores.options().dtype(at::kLong);
   check_values(boxes, scores);

@@ -8,7 +8,8 @@
 // the clamps act per axis): grad[k, c, ph, pw] / count * Wy(ph, y) * Wx(pw, x), where Wy sums the bilinear row
 // weights that the bin's samples give pixel row y. The order of the sum is fixed, so the result is bitwise
 // reproducible; extra memory is O(K).
-// Geometry follows torchvision's kernels (same formulas, computed in float, or double for float64 input).
+// Geometry follows torchvision's kernels (csrc/roi_align_math.h, shared with the CPU kernels; computed in float, or
+// double for float64 input).
 #include <ATen/ATen.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +19,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "roi_align_math.h"
 
 namespace {
 
@@ -25,68 +27,56 @@ constexpr int kThreads = 256;
 
 int64_t num_blocks(int64_t total) { return std::min<int64_t>(ltk::ceil_div(total, kThreads), int64_t{1} << 16); }
 
-template <typename acc>
-struct Geometry {
-  int64_t batch;  // -1 when the batch index is out of range: the RoI pools zeros and gets no gradient
-  acc start_h, start_w, bin_h, bin_w;
-  int grid_h, grid_w;
-  acc count;
-};
+using ltk::roi_align::axis_taps;
+using ltk::roi_align::sample_pos;
 
+// One RoI's bins and samples, plus what the device kernels need beside them.
 template <typename acc>
-__device__ __forceinline__ int grid_size(acc roi_len, int pooled, int sampling_ratio) {
-  if (sampling_ratio > 0) return sampling_ratio;
-  const acc g = ceil(roi_len / static_cast<acc>(pooled));
-  if (!(g > 0)) return 0;  // empty, inverted or NaN RoI: no samples
-  return g < static_cast<acc>(1 << 20) ? static_cast<int>(g) : (1 << 20);
-}
+struct Geometry : ltk::roi_align::Box<acc, int> {
+  int64_t batch;  // -1 when the batch index is out of range: the RoI pools zeros and gets no gradient
+  acc count;      // samples per bin (at least 1): the divisor of the bin mean
+};
 
 template <typename acc>
 __device__ __forceinline__ Geometry<acc> geometry(const acc* roi, acc scale, int64_t n_images, int PH, int PW,
                                                   int sampling_ratio, bool aligned) {
-  Geometry<acc> g;
+  const auto box = ltk::roi_align::box(roi, scale, PH, PW, sampling_ratio, aligned, 1 << 20);
   const acc b = roi[0];
-  g.batch = (b > acc(-1) && b < static_cast<acc>(n_images)) ? static_cast<int64_t>(b) : -1;
-  const acc offset = aligned ? acc(0.5) : acc(0);
-  g.start_w = roi[1] * scale - offset;
-  g.start_h = roi[2] * scale - offset;
-  const acc end_w = roi[3] * scale - offset;
-  const acc end_h = roi[4] * scale - offset;
-  acc roi_w = end_w - g.start_w;
-  acc roi_h = end_h - g.start_h;
-  if (!aligned) {  // legacy mode: malformed RoIs become at least 1x1
-    roi_w = roi_w > acc(1) ? roi_w : acc(1);
-    roi_h = roi_h > acc(1) ? roi_h : acc(1);
-  }
-  g.bin_h = roi_h / static_cast<acc>(PH);
-  g.bin_w = roi_w / static_cast<acc>(PW);
-  g.grid_h = grid_size(roi_h, PH, sampling_ratio);
-  g.grid_w = grid_size(roi_w, PW, sampling_ratio);
-  const int64_t count = static_cast<int64_t>(g.grid_h) * g.grid_w;
-  g.count = static_cast<acc>(count > 1 ? count : 1);
-  return g;
+  const int64_t batch = (b > acc(-1) && b < static_cast<acc>(n_images)) ? static_cast<int64_t>(b) : -1;
+  const int64_t count = static_cast<int64_t>(box.grid_h) * box.grid_w;
+  return {box, batch, static_cast<acc>(count > 1 ? count : 1)};
 }
 
-// One axis of the bilinear rule: false when the sample is off the map (it contributes 0), else the two pixel
-// indices and the weight of the upper one (the lower one gets 1 - frac).
-template <typename acc>
-__device__ __forceinline__ bool axis_taps(acc v, int size, int& lo, int& hi, acc& frac) {
-  if (!(v >= acc(-1) && v <= static_cast<acc>(size))) return false;
-  if (v <= 0) v = 0;
-  lo = static_cast<int>(v);
-  if (lo >= size - 1) {
-    lo = hi = size - 1;
-    v = static_cast<acc>(lo);
-  } else {
-    hi = lo + 1;
-  }
-  frac = v - static_cast<acc>(lo);
-  return true;
+// Element `index` of a [K, C, PH, PW] tensor (the output, or its gradient): RoI k, channel c, bin (ph, pw).
+struct BinIndex {
+  int64_t k, c;
+  int ph, pw;
+};
+
+__device__ __forceinline__ BinIndex bin_index(int64_t index, int64_t C, int PH, int PW) {
+  BinIndex i;
+  i.pw = static_cast<int>(index % PW);
+  i.ph = static_cast<int>((index / PW) % PH);
+  i.c = (index / (PW * PH)) % C;
+  i.k = index / (static_cast<int64_t>(PW) * PH * C);
+  return i;
 }
 
-template <typename acc>
-__device__ __forceinline__ acc sample_pos(acc start, int p, acc bin, int i, int grid) {
-  return start + p * bin + static_cast<acc>(i + .5f) * bin / static_cast<acc>(grid);
+// Calls f(y0, y1, x0, x1, fy, fx) for each sample of bin (ph, pw) that lies on the H x W map, in row-major sample
+// order: its bilinear taps are rows y0, y1 (weights 1 - fy, fy) times columns x0, x1 (weights 1 - fx, fx).
+template <typename acc, typename F>
+__device__ __forceinline__ void for_each_sample(const Geometry<acc>& g, int ph, int pw, int H, int W, F&& f) {
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    int y0, y1;
+    acc fy;
+    if (!axis_taps(sample_pos(g.start_h, ph, g.bin_h, iy, g.grid_h), H, y0, y1, fy)) continue;
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      int x0, x1;
+      acc fx;
+      if (!axis_taps(sample_pos(g.start_w, pw, g.bin_w, ix, g.grid_w), W, x0, x1, fx)) continue;
+      f(y0, y1, x0, x1, fy, fx);
+    }
+  }
 }
 
 // ---- forward ------------------------------------------------------------------------------------------------
@@ -96,30 +86,19 @@ __global__ void roi_align_forward_kernel(int64_t total, const T* __restrict__ in
                                          int sampling_ratio, bool aligned, T* __restrict__ out) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int pw = static_cast<int>(index % PW);
-    const int ph = static_cast<int>((index / PW) % PH);
-    const int64_t c = (index / (PW * PH)) % C;
-    const int64_t k = index / (static_cast<int64_t>(PW) * PH * C);
-    const auto g = geometry(rois + 5 * k, scale, N, PH, PW, sampling_ratio, aligned);
+    const BinIndex bin = bin_index(index, C, PH, PW);
+    const auto g = geometry(rois + 5 * bin.k, scale, N, PH, PW, sampling_ratio, aligned);
     acc sum = 0;
     if (g.batch >= 0) {
-      const T* plane = input + (g.batch * C + c) * H * W;
-      for (int iy = 0; iy < g.grid_h; ++iy) {
-        int y0, y1;
-        acc fy;
-        if (!axis_taps(sample_pos(g.start_h, ph, g.bin_h, iy, g.grid_h), H, y0, y1, fy)) continue;
-        for (int ix = 0; ix < g.grid_w; ++ix) {
-          int x0, x1;
-          acc fx;
-          if (!axis_taps(sample_pos(g.start_w, pw, g.bin_w, ix, g.grid_w), W, x0, x1, fx)) continue;
-          const acc v00 = static_cast<acc>(plane[static_cast<int64_t>(y0) * W + x0]);
-          const acc v01 = static_cast<acc>(plane[static_cast<int64_t>(y0) * W + x1]);
-          const acc v10 = static_cast<acc>(plane[static_cast<int64_t>(y1) * W + x0]);
-          const acc v11 = static_cast<acc>(plane[static_cast<int64_t>(y1) * W + x1]);
-          const acc hy = acc(1) - fy, hx = acc(1) - fx;
-          sum += hy * hx * v00 + hy * fx * v01 + fy * hx * v10 + fy * fx * v11;
-        }
-      }
+      const T* plane = input + (g.batch * C + bin.c) * H * W;
+      for_each_sample(g, bin.ph, bin.pw, H, W, [&](int y0, int y1, int x0, int x1, acc fy, acc fx) {
+        const acc v00 = static_cast<acc>(plane[static_cast<int64_t>(y0) * W + x0]);
+        const acc v01 = static_cast<acc>(plane[static_cast<int64_t>(y0) * W + x1]);
+        const acc v10 = static_cast<acc>(plane[static_cast<int64_t>(y1) * W + x0]);
+        const acc v11 = static_cast<acc>(plane[static_cast<int64_t>(y1) * W + x1]);
+        const acc hy = acc(1) - fy, hx = acc(1) - fx;
+        sum += hy * hx * v00 + hy * fx * v01 + fy * hx * v10 + fy * fx * v11;
+      });
       sum /= g.count;
     }
     out[index] = static_cast<T>(sum);
@@ -134,29 +113,18 @@ __global__ void roi_align_backward_atomic_kernel(int64_t total, const T* __restr
                                                  acc* __restrict__ grad_input) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int pw = static_cast<int>(index % PW);
-    const int ph = static_cast<int>((index / PW) % PH);
-    const int64_t c = (index / (PW * PH)) % C;
-    const int64_t k = index / (static_cast<int64_t>(PW) * PH * C);
-    const auto g = geometry(rois + 5 * k, scale, N, PH, PW, sampling_ratio, aligned);
+    const BinIndex bin = bin_index(index, C, PH, PW);
+    const auto g = geometry(rois + 5 * bin.k, scale, N, PH, PW, sampling_ratio, aligned);
     if (g.batch < 0) continue;
     const acc gv = static_cast<acc>(grad[index]) / g.count;
-    acc* plane = grad_input + (g.batch * C + c) * H * W;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      int y0, y1;
-      acc fy;
-      if (!axis_taps(sample_pos(g.start_h, ph, g.bin_h, iy, g.grid_h), H, y0, y1, fy)) continue;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        int x0, x1;
-        acc fx;
-        if (!axis_taps(sample_pos(g.start_w, pw, g.bin_w, ix, g.grid_w), W, x0, x1, fx)) continue;
-        const acc hy = acc(1) - fy, hx = acc(1) - fx;
-        gpuAtomicAdd(plane + static_cast<int64_t>(y0) * W + x0, gv * hy * hx);
-        gpuAtomicAdd(plane + static_cast<int64_t>(y0) * W + x1, gv * hy * fx);
-        gpuAtomicAdd(plane + static_cast<int64_t>(y1) * W + x0, gv * fy * hx);
-        gpuAtomicAdd(plane + static_cast<int64_t>(y1) * W + x1, gv * fy * fx);
-      }
-    }
+    acc* plane = grad_input + (g.batch * C + bin.c) * H * W;
+    for_each_sample(g, bin.ph, bin.pw, H, W, [&](int y0, int y1, int x0, int x1, acc fy, acc fx) {
+      const acc hy = acc(1) - fy, hx = acc(1) - fx;
+      gpuAtomicAdd(plane + static_cast<int64_t>(y0) * W + x0, gv * hy * hx);
+      gpuAtomicAdd(plane + static_cast<int64_t>(y0) * W + x1, gv * hy * fx);
+      gpuAtomicAdd(plane + static_cast<int64_t>(y1) * W + x0, gv * fy * hx);
+      gpuAtomicAdd(plane + static_cast<int64_t>(y1) * W + x1, gv * fy * fx);
+    });
   }
 }
 
