@@ -156,6 +156,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::
   LTK_CHECK_CUDA(labels);
   LTK_CHECK_CUDA(pos_neg);
   LTK_CHECK_CUDA(normalizer);
+  for (const at::Tensor* t : {&labels, &pos_neg, &normalizer})
+    TORCH_CHECK(t->device() == logits.device(), "all inputs must be on ", logits.device(), ", got ", t->device());
   ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
 }
 
@@ -225,6 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tenso
     using A = ltk::acc_t<scalar_t>;
     const size_t smem = static_cast<size_t>(2 * c) * sizeof(A);
     const bool use_smem = smem <= 48 * 1024;
+    // without the shared-memory accumulators the statistics are summed by global atomics in no fixed order
+    if (deterministic && !use_smem)
+      at::globalContext().alertNotDeterministic("equalized_focal_loss_backward (CUDA, more than 48 KiB of classes)");
     at::Tensor partial;
     if (use_smem && deterministic) partial = at::empty({blocks, 2 * c}, logits.options().dtype(acc));
     A* partial_ptr = partial.defined() ? partial.data_ptr<A>() : nullptr;

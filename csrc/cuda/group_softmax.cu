@@ -35,18 +35,21 @@ struct MaxSum {
 template <typename T>
 __device__ __forceinline__ MaxSum<T> merge(MaxSum<T> a, MaxSum<T> b) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  if (a.m == ninf) return b;
-  if (b.m == ninf) return a;
+  // A side with max -inf holds no finite terms: its sum is 0, or NaN after a NaN logit (kept, as on the CPU).
+  if (a.m == ninf) return {b.m, b.s + a.s};
+  if (b.m == ninf) return {a.m, a.s + b.s};
   const T m = a.m > b.m ? a.m : b.m;
   return {m, a.s * exp_acc(a.m - m) + b.s * exp_acc(b.m - m)};
 }
 
 template <typename T>
 __device__ __forceinline__ MaxSum<T> push(MaxSum<T> v, T x) {
+  // As on the CPU: a -inf logit adds exp(-inf) = 0 (never exp(-inf - -inf) = NaN while v.m is still -inf); a NaN
+  // logit makes the sum NaN; a +inf logit adds exp(inf - inf) = NaN (x - x below: 0 for finite x, NaN for inf).
   if (x > v.m) {
-    v.s = v.s * exp_acc(v.m - x) + T(1);  // v.m == -inf: exp(-inf) = 0
+    v.s = v.s * exp_acc(v.m - x) + (T(1) + (x - x));  // v.m == -inf: exp(-inf) = 0
     v.m = x;
-  } else {
+  } else if (!(x == -std::numeric_limits<T>::infinity())) {
     v.s += exp_acc(x - v.m);
   }
   return v;
@@ -81,9 +84,10 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_softmax_loss_kernel(
     const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, const bool* __restrict__ selected,
     const acc_t* __restrict__ scale, const int64_t* __restrict__ label_targets, const int64_t* __restrict__ offsets,
-    int64_t N, int64_t K, int G1, scalar_t* __restrict__ grad, acc_t* __restrict__ row_loss) {
+    int64_t N, int64_t K, int G1, int64_t C1, scalar_t* __restrict__ grad, acc_t* __restrict__ row_loss) {
   __shared__ MaxSum<acc_t> shared[33];
   const int64_t i = blockIdx.x;
+  CUDA_KERNEL_ASSERT(labels[i] >= 0 && labels[i] < C1 && "labels must lie in 0..C (ignored rows mapped to 0)");
   const scalar_t* xi = x + i * K;
   scalar_t* gi = grad + i * K;
   const int64_t* tgt = label_targets + labels[i] * G1;
@@ -167,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cuda(const at::Tensor& log
       group_softmax_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
           a.logits.data_ptr<scalar_t>(), a.labels.data_ptr<int64_t>(), a.selected.data_ptr<bool>(),
           a.scale.data_ptr<acc_t>(), a.label_targets.data_ptr<int64_t>(), a.group_offsets.data_ptr<int64_t>(), N, K,
-          static_cast<int>(G1), a.grad.data_ptr<scalar_t>(), a.row_loss.data_ptr<acc_t>());
+          static_cast<int>(G1), a.label_targets.size(0), a.grad.data_ptr<scalar_t>(), a.row_loss.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
