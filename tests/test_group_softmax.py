@@ -357,6 +357,42 @@ def test_scores_match_reference(device, dtype, tol):
     torch.testing.assert_close(out.double().sum(1), want, rtol=10 * tol, atol=10 * tol)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_masked_logits_in_a_wide_group(device, dtype, tol):
+    """-inf logits (masked classes) anywhere in a group wider than a CUDA block, its first columns included, give
+    exp(-inf) = 0 as in the reference: finite loss, gradient and scores; a NaN logit makes its row's loss NaN."""
+    G = BalancedGroups.from_instance_counts([50] * 300 + [5] * 6 + [5000] * 6)
+    wide = next(g for g in range(1, G.num_groups + 1) if G.members(g).numel() == 300)
+    cols = G.group_slice(wide)
+    N = 64
+    g = torch.Generator().manual_seed(5)
+    labels = G.members(wide)[250 + torch.randint(0, 40, (N,), generator=g)]  # classes far from the masked ones
+    labels[::4] = torch.randint(301, 313, (N // 4,), generator=g)
+    labels[1::8] = 0
+    labels = labels.to(device)
+    x64 = torch.randn(N, G.num_logits, dtype=torch.float64, generator=g) * 3
+    x64[:, cols.start + 1: cols.start + 41] = -INF  # the group's first classes
+    x64[:, cols.start + 200] = -INF
+    x = x64.to(device=device, dtype=dtype).requires_grad_()
+    loss = group_softmax_loss(x, labels, G, others_ratio=INF)
+    loss.backward()
+    ref_x = x.detach().double().requires_grad_()
+    ref = group_softmax_loss_reference(ref_x, labels, G, group_softmax_selection(labels, G, INF))
+    ref.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=tol, atol=tol / 10)
+    scores = group_softmax_scores(x.detach(), G)
+    torch.testing.assert_close(scores.double(), group_softmax_scores_reference(x.detach().double(), G),
+                               rtol=tol, atol=tol)
+    assert bool((scores[:, 1:41] == 0).all())  # classes 1..40 are the wide group's first members
+    x_nan = x.detach().clone()
+    x_nan[3, cols.start + 7] = float("nan")
+    assert torch.isnan(group_softmax_loss(x_nan, labels, G, others_ratio=INF))
+    assert torch.isnan(group_softmax_scores(x_nan, G)[3]).any()
+
+
 # ---- torch.compile, opcheck, CPU vs CUDA ----------------------------------------------------------------------
 def test_opcheck():
     G = small_groups()
