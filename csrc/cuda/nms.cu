@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common.h"
 #include "nms_math.h"
 
@@ -102,12 +104,18 @@ __global__ void nms_reduce_kernel(const unsigned long long* __restrict__ mask, i
   }
 }
 
-void check_values(const at::Tensor& boxes, const at::Tensor& scores) {
+// With image_index (multiclass_nms): also its range [0, num_images), as the CPU kernel checks it, in the same sync
+// (a negative index would otherwise reach index_select as a device-side assert).
+void check_values(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& image_index = {},
+                  int64_t num_images = 0) {
   if (boxes.numel() == 0 && scores.numel() == 0) return;
-  const auto flags = at::stack({at::isfinite(boxes).all().logical_not(), at::isnan(scores).any()}).cpu();
+  std::vector<at::Tensor> parts{at::isfinite(boxes).all().logical_not(), at::isnan(scores).any()};
+  if (image_index.defined()) parts.push_back(at::logical_or(image_index < 0, image_index >= num_images).any());
+  const auto flags = at::stack(parts).cpu();
   const bool* f = flags.data_ptr<bool>();
   TORCH_CHECK_VALUE(!f[0], "boxes contains NaN or infinite values");
   TORCH_CHECK_VALUE(!f[1], "scores contains NaN values");
+  TORCH_CHECK(parts.size() < 3 || !f[2], "image_index must lie in [0, num_images), num_images = ", num_images);
 }
 
 at::ScalarType calc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -231,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclas
   const bool class_specific = boxes.dim() == 3;
   c10::cuda::CUDAGuard guard(scores.device());
   const auto long_opts = scores.options().dtype(at::kLong);
-  check_values(boxes, scores);
+  check_values(boxes, scores, image_index, num_images);
   // Candidates in the reference's order (row-major flat index), scores compared in their own dtype.
   const auto flat_scores = scores.reshape({-1});
   const auto flat = at::nonzero(at::gt(flat_scores, score_threshold)).view(-1);  // sync: candidate count
