@@ -6,13 +6,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
+#include "fast_math.h"
 
 namespace {
 
@@ -30,27 +30,6 @@ using ltk::efl::loss_term;
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// exp(x) for x <= 0 (clamped below at -87, where the true value is below 2e-38 and every use is negligible).
-LTK_ALWAYS_INLINE float fast_exp_neg(float x) {
-  x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: round to nearest by an add and a subtract
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], no cancellation.
 LTK_ALWAYS_INLINE float fast_log1p_unit(float e) {
   const float s = e / (2.0f + e);
@@ -66,15 +45,15 @@ LTK_ALWAYS_INLINE float fast_log1p_unit(float e) {
 }
 
 LTK_ALWAYS_INLINE float fast_loss_term(float z, float gamma, float aw) {
-  const float e = fast_exp_neg(z < 0.0f ? z : -z);
+  const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
   const float l1 = fast_log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
   const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
-  return aw * fast_exp_neg(-gamma * nlog_qt) * nlog_pt;
+  return aw * ltk::exp_nonpos(-gamma * nlog_qt) * nlog_pt;
 }
 
 LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
-  const float e = fast_exp_neg(z < 0.0f ? z : -z);
+  const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
   const float l1 = fast_log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
   const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
@@ -83,7 +62,7 @@ LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
   const bool nonneg = z >= 0.0f;
   const float pt = nonneg ? r : er;
   const float qt = nonneg ? er : r;
-  return -aw * fast_exp_neg(-gamma * nlog_qt) * (gamma * pt * nlog_pt + qt);
+  return -aw * ltk::exp_nonpos(-gamma * nlog_qt) * (gamma * pt * nlog_pt + qt);
 }
 
 // Sum of the loss terms of x[0..m) as negatives (z = -x).
