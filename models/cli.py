@@ -16,6 +16,13 @@ import json
 import sys
 
 
+def _add_trust(p):
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (one written by an older version of "
+                        "ltkernels, or by another tool): this can run code from the file, so use it only for "
+                        "files whose origin you trust")
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train a detector (single process or under torchrun)")
     p.add_argument("--config", default="two_stage_softmax",
@@ -34,6 +41,7 @@ def _add_train(sub):
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
     p.add_argument("--pretrained-backbone", help="path to an ImageNet resnet50 state_dict")
+    _add_trust(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -58,7 +66,7 @@ def cmd_train(args) -> int:
     if args.no_eval:
         cfg["train"]["eval"] = False
     res = train(cfg, args.ann, args.images, args.out, val_ann=args.val_ann, val_images=args.val_images,
-                resume=args.resume, base=args.base, device=args.device)
+                resume=args.resume, base=args.base, device=args.device, trust_checkpoint=args.trust_checkpoint)
     if du.is_main():
         print(f"checkpoint: {res['checkpoint']}  ({res['train_time']:.0f}s training)")
         if res["metrics"]:
@@ -75,7 +83,7 @@ def cmd_eval(args) -> int:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     model = build_from_checkpoint(ckpt, device)
     metrics = evaluate(model, args.ann, args.images, ckpt["config"]["data"], device, out_dir=args.out,
                        batch_size=args.batch_size, backend=args.eval_backend)
@@ -146,11 +154,25 @@ def main(argv=None) -> int:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--eval-backend", default="lvis", choices=["lvis", "faster-coco-eval"],
                    help="the official lvis evaluator, or faster-coco-eval's LVIS mode (same metrics, ~3x faster)")
+    _add_trust(e)
     sub.add_parser("bench", help="kernel benchmarks (arguments are forwarded: ltk bench --help)")
     sub.add_parser("configs", help="list the named configs")
     args = parser.parse_args(argv)
     handler = {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs}
-    return handler[args.command](args)
+    try:
+        return handler[args.command](args)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"ltk {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Errors in what the user gave (files, values): one line and exit status 2 instead of a traceback."""
+    from .engine.checkpoint import CheckpointError
+
+    return isinstance(err, CheckpointError)
 
 
 if __name__ == "__main__":

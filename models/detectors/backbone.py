@@ -46,22 +46,17 @@ class TinyFPNBackbone(nn.Module):
 
 class ResNetFPNBackbone(nn.Module):
     """torchvision ResNet-50 (frozen BN, first stage frozen) + FPN: P2-P6 for the two-stage model (LastLevelMaxPool),
-    P3-P7 for the one-stage model (LastLevelP6P7). `pretrained` is a path to an ImageNet `resnet50` state_dict."""
+    P3-P7 for the one-stage model (LastLevelP6P7). ImageNet weights come in through `load_pretrained`."""
 
-    def __init__(self, name: str = "resnet50", one_stage: bool = False, pretrained: str | None = None,
-                 trainable_layers: int = 3, out_channels: int = 256):
+    def __init__(self, name: str = "resnet50", one_stage: bool = False, trainable_layers: int = 3,
+                 out_channels: int = 256):
         super().__init__()
         from torchvision.models.detection.backbone_utils import BackboneWithFPN
         from torchvision.models import resnet
         from torchvision.ops.misc import FrozenBatchNorm2d
 
+        self.name = name
         body = getattr(resnet, name)(weights=None, norm_layer=FrozenBatchNorm2d)
-        if pretrained:
-            state = torch.load(pretrained, map_location="cpu")
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            missing, _ = body.load_state_dict(state, strict=False)
-            if any(not k.startswith("fc.") for k in missing):
-                raise ValueError(f"{pretrained} is not a {name} state_dict (missing {missing[:4]} ...)")
         layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         for pname, p in body.named_parameters():
             p.requires_grad_(any(pname.startswith(layer) for layer in layers))
@@ -76,6 +71,21 @@ class ResNetFPNBackbone(nn.Module):
     def forward(self, x):
         return self.body(x)
 
+    def load_pretrained(self, state, source: str) -> None:
+        """Load an ImageNet classification state_dict of this ResNet (its `fc.*` entries are not used), plain
+        or under a `state_dict` key. `source` names the file in errors."""
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{source} is not a {self.name} state_dict (a dict of tensors)")
+        resnet = self.body.body
+        try:
+            missing, _ = resnet.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"{source} is not a {self.name} state_dict: {err}") from None
+        if missing:
+            raise ValueError(f"{source} is not a {self.name} state_dict (missing {', '.join(missing[:4])}"
+                             f"{' ...' if len(missing) > 4 else ''})")
+
 
 def build_backbone(cfg: dict, one_stage: bool = False) -> nn.Module:
     kind = cfg.get("backbone", "tiny")
@@ -83,6 +93,5 @@ def build_backbone(cfg: dict, one_stage: bool = False) -> nn.Module:
         return TinyFPNBackbone(tuple(cfg.get("widths", (16, 32, 48, 64, 96))), cfg.get("fpn_channels", 64),
                                tuple(cfg.get("levels", (2, 3, 4))))
     if kind.startswith("resnet"):
-        return ResNetFPNBackbone(kind, one_stage, cfg.get("pretrained_backbone"), cfg.get("trainable_layers", 3),
-                                 cfg.get("fpn_channels", 256))
+        return ResNetFPNBackbone(kind, one_stage, cfg.get("trainable_layers", 3), cfg.get("fpn_channels", 256))
     raise ValueError(f"unknown backbone {kind!r}")

@@ -143,6 +143,14 @@ def _model_meta(dataset, cfg) -> dict:
             "stage": cfg["train"]["stage"]}
 
 
+def load_pretrained_backbone(model, state: dict, source: str) -> None:
+    """`--pretrained-backbone`: ImageNet weights (read with `load_checkpoint`) for a ResNet backbone."""
+    if not hasattr(model.backbone, "load_pretrained"):
+        raise ValueError(f"--pretrained-backbone {source}: the {type(model.backbone).__name__} backbone takes no "
+                         "ImageNet weights (use model.backbone=resnet50)")
+    model.backbone.load_pretrained(state, source)
+
+
 def build_from_checkpoint(ckpt: dict, device="cpu"):
     meta = ckpt["meta"]
     model = build_model(ckpt["config"]["model"], meta["num_classes"], meta["instance_counts"])
@@ -152,20 +160,28 @@ def build_from_checkpoint(ckpt: dict, device="cpu"):
 
 def train(cfg: dict, train_ann: str, image_root: str, out_dir: str, val_ann: str | None = None,
           val_images: str | None = None, resume: str | None = None, base: str | None = None,
-          device: str = "auto", progress: bool = True, log=print) -> dict:
-    """Train one config; returns {"model", "history", "metrics", "checkpoint", "train_time"}."""
+          device: str = "auto", progress: bool = True, log=print, trust_checkpoint: bool = False) -> dict:
+    """Train one config; returns {"model", "history", "metrics", "checkpoint", "train_time"}. Checkpoints
+    (`resume`, `base`, `model.pretrained_backbone`) load without running code from them unless
+    `trust_checkpoint` (see `checkpoint.load_checkpoint`); all are read before any other work."""
     dev = du.init_from_env(device)
     solver, tcfg = cfg["solver"], cfg["train"]
     stage = tcfg["stage"]
+    resumed = load_checkpoint(resume, trust=trust_checkpoint) if resume else None
+    base_state = load_checkpoint(base, trust=trust_checkpoint)["model"] if base and not resume else None
+    pretrained = cfg["model"].get("pretrained_backbone") if not resume else None
+    pretrained_state = load_checkpoint(pretrained, trust=trust_checkpoint) if pretrained else None
     seed_everything(tcfg["seed"])  # identical initial weights on every rank
     dataset = build_dataset(train_ann, image_root, cfg["data"], train=True)
     meta = _model_meta(dataset, cfg)
     model = build_model(cfg["model"], meta["num_classes"], meta["instance_counts"])
+    if pretrained_state is not None:
+        load_pretrained_backbone(model, pretrained_state, pretrained)
     if stage != "base":
-        if not base and not resume:
+        if base_state is None and resumed is None:
             raise ValueError(f"stage {stage!r} retrains a trained baseline: pass --base CKPT")
-        if base:
-            model.init_stage_from_base(load_checkpoint(base)["model"])
+        if base_state is not None:
+            model.init_stage_from_base(base_state)
         model.freeze_for_stage(stage)
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,8 +193,8 @@ def train(cfg: dict, train_ann: str, image_root: str, out_dir: str, val_ann: str
     sampler, shard = make_sampler(dataset, cfg)
     stream = BatchStream(dataset, sampler, solver["batch_size"], tcfg.get("workers", 0), shard)
     start = 0
-    if resume:
-        ckpt = load_checkpoint(resume)
+    if resumed is not None:
+        ckpt = resumed
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
