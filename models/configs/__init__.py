@@ -11,6 +11,17 @@ import copy
 import json
 import os
 
+from .schema import ConfigError, known_keys, resolve, unknown_key_error
+
+__all__ = ["CONFIGS", "ConfigError", "UnknownConfigError", "get_config", "merge", "resolve", "set_value"]
+
+
+class UnknownConfigError(ConfigError, KeyError):
+    """`--config NAME` names neither a known config nor a file."""
+
+    def __str__(self):
+        return str(self.args[0])
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -28,7 +39,7 @@ _SYNTH_DATA = {"min_size": 160, "max_size": 160, "flip_prob": 0.5, "mean": IMAGE
 _SYNTH_SOLVER = {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 8, "max_iter": 600,
                  "warmup_iters": 50, "warmup_factor": 0.001, "steps": [0.75, 0.9], "gamma": 0.1, "clip_grad": 10.0,
                  "amp": True}
-_TRAIN = {"stage": "base", "seed": 0, "ckpt_every": 0, "log_every": 100, "workers": 0, "eval": True}
+_TRAIN = {"stage": "base", "seed": 0, "ckpt_every": 500, "log_every": 100, "workers": 0, "eval": True}
 
 
 def _cfg(model=None, data=None, solver=None, train=None, base_model=_SYNTH_MODEL, base_data=_SYNTH_DATA,
@@ -73,7 +84,8 @@ _LVIS_ONE_STAGE = {"type": "one_stage", "anchor_scales": [4, 5.04, 6.35], "head_
 
 
 def _lvis(model=None, data=None, solver=None, train=None):
-    return _cfg(model, data, solver, train, _LVIS_MODEL, _LVIS_DATA, _LVIS_SOLVER)
+    return _cfg(model, data, solver, {"ckpt_every": 5000, "log_every": 20, **(train or {})}, _LVIS_MODEL,
+                _LVIS_DATA, _LVIS_SOLVER)
 
 
 for _v in ("lvis_v0.5", "lvis_v1"):
@@ -96,16 +108,25 @@ for _v in ("lvis_v0.5", "lvis_v1"):
 
 
 def get_config(name_or_path: str) -> dict:
-    """A deep copy of a named config, or the config in a JSON file (merged over the named config it names in
-    an optional `"base"` key)."""
+    """A complete, checked copy (see `schema.resolve`) of a named config, or of the config in a JSON file
+    (merged over the named config it names in an optional `"base"` key). Unknown keys are errors."""
     if name_or_path in CONFIGS:
-        return copy.deepcopy(CONFIGS[name_or_path])
+        return resolve(copy.deepcopy(CONFIGS[name_or_path]))
     if os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            user = json.load(f)
+        try:
+            with open(name_or_path) as f:
+                user = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {name_or_path}: {err}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file {name_or_path}: a config is a JSON object")
         cfg = get_config(user.pop("base", "two_stage_softmax"))
-        return merge(cfg, user)
-    raise KeyError(f"unknown config {name_or_path!r}; named configs: {', '.join(sorted(CONFIGS))}")
+        try:
+            return resolve(merge(cfg, user))
+        except ConfigError as err:
+            raise ConfigError(f"config file {name_or_path}: {err}") from None
+    raise UnknownConfigError(f"unknown config {name_or_path!r} (neither a named config nor a file); named configs: "
+                             f"{', '.join(sorted(CONFIGS))}")
 
 
 def merge(cfg: dict, override: dict) -> dict:
@@ -119,13 +140,21 @@ def merge(cfg: dict, override: dict) -> dict:
 
 
 def set_value(cfg: dict, dotted: str, value: str) -> None:
-    """`--set solver.lr=0.01`: values are parsed as JSON when they parse, else kept as strings."""
+    """`--set solver.lr=0.01`: values are parsed as JSON when they parse, else kept as strings; the key must be
+    declared and the value of its type (ConfigError, with the closest known key)."""
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
-    *path, key = dotted.split(".")
-    node = cfg
-    for p in path:
-        node = node.setdefault(p, {})
-    node[key] = parsed
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {dotted}={value}: the key is SECTION.KEY, SECTION one of "
+                          f"{', '.join(known_keys())}")
+    section, key = parts
+    if section not in known_keys():
+        raise unknown_key_error(section, known_keys())
+    if key not in known_keys(section):
+        raise unknown_key_error(dotted, known_keys(section))
+    trial = copy.deepcopy(cfg)
+    trial.setdefault(section, {})[key] = parsed
+    cfg.update(resolve(trial))
