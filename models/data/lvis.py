@@ -95,6 +95,23 @@ def resolve_image_path(img: dict, image_root: str) -> str:
     raise KeyError("coco_url/file_name")
 
 
+def _int_field(value, ann_file: str, key: str) -> int:
+    """An integer field of the file (ids, counts): an int, or a float / string holding one; else an error naming
+    the file and the key."""
+    if isinstance(value, bool) or value is None:
+        ok = False
+    elif isinstance(value, int):
+        return value
+    else:
+        try:
+            ok = float(value) == int(float(value))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+    if not ok:
+        raise LVISFormatError("annotation file %s: %s must be an integer, got %r" % (ann_file, key, value))
+    return int(float(value))
+
+
 def _valid_box(b) -> bool:
     if not isinstance(b, (list, tuple)) or len(b) != 4:
         return False
@@ -127,15 +144,21 @@ class LVISDetection(torch.utils.data.Dataset):
                                                           "empty_image")}
 
         # categories
+        if not data["categories"]:
+            raise LVISFormatError("annotation file %s: 'categories' is empty (a detector needs classes)" % ann_file)
         cats = []
         for i, c in enumerate(data["categories"]):
             if not isinstance(c, dict) or "id" not in c:
                 raise LVISFormatError("annotation file %s: category #%d missing key 'id'" % (ann_file, i))
+            c = dict(c, id=_int_field(c["id"], ann_file, "categories[%d].id" % i))
+            if "instance_count" in c:
+                c["instance_count"] = _int_field(c["instance_count"], ann_file, "categories[%d].instance_count" % i)
             cats.append(c)
-        cats.sort(key=lambda c: int(c["id"]))
-        ids = [int(c["id"]) for c in cats]
-        if len(set(ids)) != len(ids):
-            raise LVISFormatError("annotation file %s: duplicate category ids" % ann_file)
+        cats.sort(key=lambda c: c["id"])
+        ids = [c["id"] for c in cats]
+        dup = sorted({x for x in ids if ids.count(x) > 1}) if len(set(ids)) != len(ids) else []
+        if dup:
+            raise LVISFormatError("annotation file %s: duplicate category ids %s" % (ann_file, dup[:10]))
         self.categories: List[dict] = cats
         self.is_lvis = ids == list(range(1, len(ids) + 1))
         self.category_id_to_label: Dict[int, int] = {cid: k + 1 for k, cid in enumerate(ids)}
@@ -153,11 +176,22 @@ class LVISDetection(torch.utils.data.Dataset):
             if not img.get("coco_url") and not img.get("file_name"):
                 raise LVISFormatError("annotation file %s: image %s missing key 'coco_url' (v1) or 'file_name'"
                                       " (v0.5 / COCO)" % (ann_file, img["id"]))
-            images[int(img["id"])] = img
+            iid = _int_field(img["id"], ann_file, "images[%d].id" % i)
+            if iid in images:
+                raise LVISFormatError("annotation file %s: duplicate image id %d (images[%d] and an earlier one)"
+                                      % (ann_file, iid, i))
+            images[iid] = img
 
         # annotations
         per_image: Dict[int, List[Tuple[List[float], int]]] = {k: [] for k in images}
-        for a in data["annotations"]:
+        ann_ids: Dict[object, int] = {}
+        for i, a in enumerate(data["annotations"]):
+            if isinstance(a, dict) and isinstance(a.get("id"), (int, str)):
+                if a["id"] in ann_ids:
+                    raise LVISFormatError("annotation file %s: duplicate annotation id %r (annotations[%d] and "
+                                          "annotations[%d]); evaluation would match one box twice"
+                                          % (ann_file, a["id"], ann_ids[a["id"]], i))
+                ann_ids[a["id"]] = i
             if not isinstance(a, dict) or any(k not in a for k in ("image_id", "category_id", "bbox")):
                 self.skipped["missing_key"] += 1
                 continue
@@ -183,11 +217,14 @@ class LVISDetection(torch.utils.data.Dataset):
             per_image[iid].append(([x, y, x + w, y + h], self.category_id_to_label[cid]))
 
         self._records = []
+        self.missing_paths: List[str] = []  # the first few image files that were not found
         for iid in sorted(images):
             img = images[iid]
             path = resolve_image_path(img, image_root)
             if check_images and not os.path.exists(path):
                 self.skipped["missing_image"] += 1
+                if len(self.missing_paths) < 5:
+                    self.missing_paths.append(path)
                 continue
             anns = per_image[iid]
             if skip_empty and not anns:
@@ -202,7 +239,7 @@ class LVISDetection(torch.utils.data.Dataset):
 
         # instance counts per label 1..C: from the categories if all have them, else counted here
         if cats and all("instance_count" in c for c in cats):
-            counts = [int(c["instance_count"]) for c in cats]
+            counts = [c["instance_count"] for c in cats]
         else:
             counts = [0] * self.num_classes
             for r in self._records:
@@ -234,9 +271,13 @@ class LVISDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         r = self._records[i]
-        with Image.open(r["path"]) as im:
-            im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8).copy()
+        try:
+            with Image.open(r["path"]) as im:
+                im = im.convert("RGB")
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for damaged / truncated files
+            raise OSError("image %s (id %s of %s) cannot be decoded: %s" % (r["path"], r["id"], self.ann_file, err)) \
+                from None
         image = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
         h, w = arr.shape[:2]
         target = {
