@@ -31,9 +31,13 @@ def _add_train(sub):
     p.add_argument("--images", required=True, help="image root of the training annotations")
     p.add_argument("--val-ann", help="validation annotations: evaluated at the end")
     p.add_argument("--val-images", help="image root of the validation set (default: --images)")
-    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, train_log.json, metrics.json)")
+    p.add_argument("--out", required=True, help="the run folder (checkpoints, config.json, train.log, "
+                                                "metrics.jsonl, tb/; see the README)")
     p.add_argument("--base", help="checkpoint of a trained baseline (the BAGS / SimCal second stage)")
-    p.add_argument("--resume", help="checkpoint to resume from exactly")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                   help="resume exactly: from CKPT, or without a path from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (its "
+                                                                 "checkpoints and logs are deleted)")
     p.add_argument("--max-iter", type=int)
     p.add_argument("--batch-size", type=int, help="images per process and iteration")
     p.add_argument("--lr", type=float)
@@ -66,7 +70,8 @@ def cmd_train(args) -> int:
     if args.no_eval:
         cfg["train"]["eval"] = False
     res = train(cfg, args.ann, args.images, args.out, val_ann=args.val_ann, val_images=args.val_images,
-                resume=args.resume, base=args.base, device=args.device, trust_checkpoint=args.trust_checkpoint)
+                resume=args.resume, base=args.base, device=args.device, trust_checkpoint=args.trust_checkpoint,
+                overwrite=args.overwrite)
     if du.is_main():
         print(f"checkpoint: {res['checkpoint']}  ({res['train_time']:.0f}s training)")
         if res["metrics"]:
@@ -78,15 +83,16 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .engine.checkpoint import load_checkpoint
+    from .engine.checkpoint import check_keys, load_checkpoint
     from .engine.trainer import build_from_checkpoint, evaluate
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    ckpt = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    model = build_from_checkpoint(ckpt, device)
+    ckpt = check_keys(load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.checkpoint, "model")
+    model = build_from_checkpoint(ckpt, device, source=args.checkpoint)
     metrics = evaluate(model, args.ann, args.images, ckpt["config"]["data"], device, out_dir=args.out,
-                       batch_size=args.batch_size, backend=args.eval_backend)
+                       batch_size=args.batch_size, backend=args.eval_backend,
+                       category_ids=ckpt["meta"].get("category_ids"))
     _print_metrics(metrics)
     return 0
 
@@ -119,8 +125,9 @@ def cmd_configs(args) -> int:
 
 
 def _print_metrics(m: dict) -> None:
-    keys = ["AP", "AP50", "AP75", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"]
-    print("  ".join(f"{k} {100 * m[k]:.1f}" for k in keys if k in m))
+    from .engine.trainer import format_metrics
+
+    print(format_metrics(m))
 
 
 def main(argv=None) -> int:
@@ -130,6 +137,7 @@ def main(argv=None) -> int:
 
         return bench_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="ltk", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"ltk {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train and evaluate softmax, BAGS, SimCal, focal and EFL on synthetic data")
     p.add_argument("--out", default="ltk_demo")
@@ -170,9 +178,23 @@ def main(argv=None) -> int:
 
 def _is_user_error(err: Exception) -> bool:
     """Errors in what the user gave (files, values): one line and exit status 2 instead of a traceback."""
+    from .configs import ConfigError
+    from .data.lvis import LVISFormatError
     from .engine.checkpoint import CheckpointError
+    from .engine.run import RunFolderError
+    from .engine.trainer import DatasetError
 
-    return isinstance(err, CheckpointError)
+    return isinstance(err, (CheckpointError, ConfigError, LVISFormatError, RunFolderError, DatasetError))
+
+
+def _version() -> str:
+    """The installed distribution's version, without importing torch (`ltk --version` answers at once)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ltkernels")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

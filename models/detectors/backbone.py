@@ -90,8 +90,9 @@ class ResNetFPNBackbone(nn.Module):
 def build_backbone(cfg: dict, one_stage: bool = False) -> nn.Module:
     kind = cfg.get("backbone", "tiny")
     if kind == "tiny":
-        return TinyFPNBackbone(tuple(cfg.get("widths", (16, 32, 48, 64, 96))), cfg.get("fpn_channels", 64),
+        return TinyFPNBackbone(tuple(cfg.get("widths", (16, 32, 48, 64, 96))), cfg.get("fpn_channels") or 64,
                                tuple(cfg.get("levels", (2, 3, 4))))
     if kind.startswith("resnet"):
-        return ResNetFPNBackbone(kind, one_stage, cfg.get("trainable_layers", 3), cfg.get("fpn_channels", 256))
+        return ResNetFPNBackbone(kind, one_stage, cfg.get("trainable_layers", 3),
+                                 cfg.get("fpn_channels") or 256)
     raise ValueError(f"unknown backbone {kind!r}")

@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import random
 import re
+import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -87,13 +88,55 @@ def check_plain(obj, where: str = "checkpoint") -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically (a crash mid-write never leaves a truncated checkpoint behind)."""
+    """Write atomically and durably: a unique temporary file in the same folder (concurrent writers never share
+    one), fsync, rename over `path`, fsync of the folder. A crash mid-write leaves the previous file intact."""
     state = {**state, "format": FORMAT}
     check_plain(state)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+REQUIRED = {"resume": ("model", "optimizer", "scheduler", "scaler", "sampler", "iteration", "rng", "config", "meta"),
+            "model": ("model", "config", "meta")}
+
+
+def check_keys(ckpt, path: str, purpose: str) -> dict:
+    """`ckpt` if it has what `purpose` ("resume" or "model": --base, ltk eval) needs, else CheckpointError
+    saying what is missing."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of ltkernels (a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in REQUIRED[purpose] if k not in ckpt]
+    if missing:
+        what = "resume a run" if purpose == "resume" else "build a model"
+        hint = " (a bare state_dict? it holds weights only)" if "model" in missing else ""
+        raise CheckpointError(f"{path}: cannot {what}: the checkpoint has no {', '.join(missing)}{hint}")
+    return ckpt
 
 
 def _pickles(path: str) -> bytes:

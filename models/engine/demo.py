@@ -88,7 +88,8 @@ def run_demo(out: str = "ltk_demo", quick: bool = False, device: str = "auto", t
         cfg = merge(get_config(config), plan["runs"][name])
         t0 = time.time()
         res = train(cfg, data["train_ann"], data["image_root"], os.path.join(out, name), val_ann=data["val_ann"],
-                    val_images=data["image_root"], base=ckpts.get(base), device=device, progress=True, log=log)
+                    val_images=data["image_root"], base=ckpts.get(base), device=device, progress=True, log=log,
+                    overwrite=True)
         ckpts[name] = res["checkpoint"]
         metrics[name] = res["metrics"]
         hist = res["history"]
