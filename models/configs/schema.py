@@ -159,6 +159,13 @@ def _type_name(hint) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def model_config(cfg) -> ModelConfig:
+    """The typed model section (from a dict, checked and completed like `resolve`)."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    return ModelConfig(**resolve({"model": dict(cfg)})["model"])
+
+
 def resolve(cfg: dict) -> dict:
     """A new dict: every section complete (defaults filled), every value checked; ConfigError otherwise."""
     if not isinstance(cfg, dict):

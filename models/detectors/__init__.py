@@ -1,5 +1,6 @@
 """Thin long-tail detectors on top of ltkernels: Faster R-CNN FPN (softmax / BAGS / SimCal) and a RetinaNet-style
 one-stage detector (focal loss / EFL)."""
+from ..configs.schema import model_config
 from .backbone import build_backbone
 from .one_stage import OneStageDetector
 from .two_stage import TwoStageDetector
@@ -7,9 +8,11 @@ from .two_stage import TwoStageDetector
 __all__ = ["build_model", "build_backbone", "TwoStageDetector", "OneStageDetector"]
 
 
-def build_model(model_cfg: dict, num_classes: int, instance_counts):
-    """`model_cfg["type"]`: "two_stage" or "one_stage"; `instance_counts[c - 1]` = training instances of class c."""
-    kind = model_cfg.get("type", "two_stage")
+def build_model(model_cfg, num_classes: int, instance_counts):
+    """`model_cfg` (the config's `model` section, a dict or a `ModelConfig`): `type` "two_stage" or "one_stage";
+    `instance_counts[c - 1]` = training instances of class c."""
+    model_cfg = model_config(model_cfg)
+    kind = model_cfg.type
     if kind == "two_stage":
         return TwoStageDetector(model_cfg, num_classes, instance_counts)
     if kind == "one_stage":

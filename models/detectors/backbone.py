@@ -12,6 +12,9 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from ..configs.schema import model_config
+
+
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -87,12 +90,14 @@ class ResNetFPNBackbone(nn.Module):
                              f"{' ...' if len(missing) > 4 else ''})")
 
 
-def build_backbone(cfg: dict, one_stage: bool = False) -> nn.Module:
-    kind = cfg.get("backbone", "tiny")
+def build_backbone(cfg, one_stage: bool = False) -> nn.Module:
+    """The backbone of a model config (`ModelConfig` or its dict)."""
+    cfg = model_config(cfg)
+    kind = cfg.backbone
     if kind == "tiny":
-        return TinyFPNBackbone(tuple(cfg.get("widths", (16, 32, 48, 64, 96))), cfg.get("fpn_channels") or 64,
-                               tuple(cfg.get("levels", (2, 3, 4))))
+        return TinyFPNBackbone(tuple(cfg.widths), cfg.fpn_channels or 64,
+                               tuple(cfg.levels))
     if kind.startswith("resnet"):
-        return ResNetFPNBackbone(kind, one_stage, cfg.get("trainable_layers", 3),
-                                 cfg.get("fpn_channels") or 256)
+        return ResNetFPNBackbone(kind, one_stage, cfg.trainable_layers,
+                                 cfg.fpn_channels or 256)
     raise ValueError(f"unknown backbone {kind!r}")

@@ -10,6 +10,8 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import box_iou, clip_boxes_to_image
 
 import ltkernels
+from ..configs.schema import model_config
+
 
 
 def match_labels(matcher: Matcher, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, boxes: torch.Tensor):
@@ -29,25 +31,26 @@ class RoIBoxHead(nn.Module):
     `simcal_tail_threshold`: if set, a calibration classifier (C + 1 logits) is added; classes with fewer training
     instances than the threshold take its softmax probabilities at inference (dual head)."""
 
-    def __init__(self, in_channels: int, strides, num_classes: int, instance_counts, cfg: dict):
+    def __init__(self, in_channels: int, strides, num_classes: int, instance_counts, cfg):
+        cfg = model_config(cfg)
         super().__init__()
         self.num_classes = num_classes
-        p = cfg.get("pool_size", 7)
+        p = cfg.pool_size
         self.pooler = ltkernels.MultiLevelRoIAlign(
-            (p, p), sampling_ratio=cfg.get("sampling_ratio", 2), canonical_scale=cfg.get("canonical_scale", 224),
-            canonical_level=cfg.get("canonical_level", 4), aligned=True, strides=tuple(strides))
-        rep = cfg.get("representation_size", 1024)
+            (p, p), sampling_ratio=cfg.sampling_ratio, canonical_scale=cfg.canonical_scale,
+            canonical_level=cfg.canonical_level, aligned=True, strides=tuple(strides))
+        rep = cfg.representation_size
         self.fc6 = nn.Linear(in_channels * p * p, rep)
         self.fc7 = nn.Linear(rep, rep)
-        self.cls_mode = cfg.get("cls_loss", "softmax")
+        self.cls_mode = cfg.cls_loss
         counts = torch.as_tensor(list(instance_counts), dtype=torch.int64)
         if len(counts) != num_classes:
             raise ValueError(f"instance_counts has {len(counts)} entries for {num_classes} classes")
         self.register_buffer("instance_counts", counts, persistent=False)
         if self.cls_mode == "bags":
             self.cls_loss_fn = ltkernels.GroupSoftmaxLoss(
-                instance_counts=counts.tolist(), bounds=tuple(cfg.get("bags_bounds", (10, 100, 1000))),
-                others_ratio=cfg.get("bags_others_ratio", 8.0))
+                instance_counts=counts.tolist(), bounds=tuple(cfg.bags_bounds),
+                others_ratio=cfg.bags_others_ratio)
             self.groups = self.cls_loss_fn.groups
             num_logits = self.groups.num_logits
         elif self.cls_mode == "softmax":
@@ -61,7 +64,7 @@ class RoIBoxHead(nn.Module):
         nn.init.zeros_(self.cls_score.bias)
         nn.init.zeros_(self.bbox_pred.bias)
         self.calib_score = None
-        tail_t = cfg.get("simcal_tail_threshold")
+        tail_t = cfg.simcal_tail_threshold
         if tail_t is not None:
             if self.cls_mode != "softmax":
                 raise ValueError("SimCal calibrates a softmax classifier")
@@ -69,12 +72,12 @@ class RoIBoxHead(nn.Module):
             tail = torch.cat([torch.zeros(1, dtype=torch.bool), counts < tail_t])
             self.register_buffer("tail_mask", tail, persistent=False)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-        self.matcher = Matcher(cfg.get("fg_iou", 0.5), cfg.get("fg_iou", 0.5), allow_low_quality_matches=False)
-        self.sampler = BalancedPositiveNegativeSampler(cfg.get("batch_size_per_image", 512),
-                                                       cfg.get("positive_fraction", 0.25))
-        self.score_thresh = cfg.get("score_thresh", 1e-4)
-        self.nms_thresh = cfg.get("nms_thresh", 0.5)
-        self.detections_per_img = cfg.get("detections_per_img", 300)
+        self.matcher = Matcher(cfg.fg_iou, cfg.fg_iou, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(cfg.batch_size_per_image,
+                                                       cfg.positive_fraction)
+        self.score_thresh = cfg.score_thresh
+        self.nms_thresh = cfg.nms_thresh
+        self.detections_per_img = cfg.detections_per_img
         self.train_calibration = False  # SimCal stage 2: only the calibration classifier is trained
         self.use_dual_head = True
 

@@ -13,6 +13,7 @@ from torchvision.ops import clip_boxes_to_image
 
 import ltkernels
 
+from ..configs.schema import model_config
 from .backbone import build_backbone
 from .heads import match_labels
 from .two_stage import batch_images, make_anchor_generator
@@ -55,26 +56,27 @@ class DenseHead(nn.Module):
 class OneStageDetector(nn.Module):
     """`cls_loss`: "efl" (EqualizedFocalLoss with `efl_scale`, default 8) or "focal" (the same module, scale 0)."""
 
-    def __init__(self, cfg: dict, num_classes: int, instance_counts=None):
+    def __init__(self, cfg, num_classes: int, instance_counts=None):
         super().__init__()
-        self.cfg = dict(cfg)
+        cfg = model_config(cfg)
+        self.cfg = cfg
         self.num_classes = num_classes
         self.backbone = build_backbone(cfg, one_stage=True)
         self.anchor_generator = make_anchor_generator(self.backbone.strides, cfg)
         self.head = DenseHead(self.backbone.out_channels, self.anchor_generator.num_anchors_per_location()[0],
-                              num_classes, cfg.get("head_convs", 4))
-        kind = cfg.get("cls_loss", "efl")
+                              num_classes, cfg.head_convs)
+        kind = cfg.cls_loss
         if kind not in ("efl", "focal"):
             raise ValueError(f"unknown one-stage cls_loss {kind!r}")
-        scale = cfg.get("efl_scale", 8.0) if kind == "efl" else 0.0
-        self.cls_loss_fn = ltkernels.EqualizedFocalLoss(num_classes, gamma_b=cfg.get("efl_gamma_b", 2.0),
-                                                        scale=scale, alpha=cfg.get("focal_alpha", 0.25))
-        self.matcher = Matcher(cfg.get("fg_iou", 0.5), cfg.get("bg_iou", 0.4), allow_low_quality_matches=True)
+        scale = cfg.efl_scale if kind == "efl" else 0.0
+        self.cls_loss_fn = ltkernels.EqualizedFocalLoss(num_classes, gamma_b=cfg.efl_gamma_b,
+                                                        scale=scale, alpha=cfg.focal_alpha)
+        self.matcher = Matcher(cfg.fg_iou, cfg.bg_iou, allow_low_quality_matches=True)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        self.score_thresh = cfg.get("score_thresh", 0.05)
-        self.topk_candidates = cfg.get("topk_candidates", 1000)
-        self.nms_thresh = cfg.get("nms_thresh", 0.5)
-        self.detections_per_img = cfg.get("detections_per_img", 300)
+        self.score_thresh = cfg.score_thresh
+        self.topk_candidates = cfg.topk_candidates
+        self.nms_thresh = cfg.nms_thresh
+        self.detections_per_img = cfg.detections_per_img
         self.size_divisible = max(32, max(self.backbone.strides))
 
     def forward(self, images: list, targets: list | None = None):

@@ -13,6 +13,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
 
+from ..configs.schema import ModelConfig, model_config
 from .backbone import build_backbone
 from .heads import RoIBoxHead
 from .rpn import RPN
@@ -29,26 +30,27 @@ def batch_images(images: list, size_divisible: int = 32) -> ImageList:
     return ImageList(batch, [(int(im.shape[-2]), int(im.shape[-1])) for im in images])
 
 
-def make_anchor_generator(strides, cfg: dict) -> AnchorGenerator:
-    scales = cfg.get("anchor_scales", (8,))
-    ratios = tuple(cfg.get("anchor_ratios", (0.5, 1.0, 2.0)))
+def make_anchor_generator(strides, cfg: ModelConfig) -> AnchorGenerator:
+    scales = cfg.anchor_scales
+    ratios = tuple(cfg.anchor_ratios)
     sizes = tuple(tuple(int(s * k) for k in scales) for s in strides)
     return AnchorGenerator(sizes, (ratios,) * len(strides))
 
 
 class TwoStageDetector(nn.Module):
-    def __init__(self, cfg: dict, num_classes: int, instance_counts):
+    def __init__(self, cfg, num_classes: int, instance_counts):
         super().__init__()
-        self.cfg = dict(cfg)
+        cfg = model_config(cfg)
+        self.cfg = cfg
         self.num_classes = num_classes
         self.backbone = build_backbone(cfg)
         strides = self.backbone.strides
         anchors = make_anchor_generator(strides, cfg)
         rpn_head = RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0])
         self.rpn = RPN(
-            anchors, rpn_head, 0.7, 0.3, cfg.get("rpn_batch_size_per_image", 256), 0.5,
-            dict(training=cfg.get("rpn_pre_nms_top_n_train", 2000), testing=cfg.get("rpn_pre_nms_top_n_test", 1000)),
-            dict(training=cfg.get("rpn_post_nms_top_n_train", 2000), testing=cfg.get("rpn_post_nms_top_n_test", 1000)),
+            anchors, rpn_head, 0.7, 0.3, cfg.rpn_batch_size_per_image, 0.5,
+            dict(training=cfg.rpn_pre_nms_top_n_train, testing=cfg.rpn_pre_nms_top_n_test),
+            dict(training=cfg.rpn_post_nms_top_n_train, testing=cfg.rpn_post_nms_top_n_test),
             0.7)
         # RoIs are pooled from the levels with stride <= 32 (P6 only feeds the RPN, as in Detectron).
         self.roi_levels = [i for i, s in enumerate(strides) if s <= 32]
