@@ -175,8 +175,11 @@ def _old_format(ckpt: dict) -> dict:
     for r in ckpt["rng"]:
         set_rng_state(r)
         old_rng.append({"python": random.getstate(), "numpy": np.random.get_state(), "torch": r["torch"]})
-    old = {k: v for k, v in ckpt.items() if k != "format"}
+    old = {k: v for k, v in ckpt.items() if k not in ("format", "best", "elapsed")}
     old["rng"] = old_rng
+    # configs were stored as written, without the schema's defaults
+    old["config"] = {**ckpt["config"], "model": {k: v for k, v in ckpt["config"]["model"].items()
+                                                 if k not in ("sampling_ratio", "canonical_level", "focal_alpha")}}
     return old
 
 

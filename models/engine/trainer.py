@@ -187,12 +187,14 @@ def _check_compatible(ckpt: dict, meta: dict, cfg: dict, source: str) -> None:
     if int(old["num_classes"]) != meta["num_classes"]:
         raise CheckpointError(f"{source}: trained for {old['num_classes']} classes, the annotations have "
                               f"{meta['num_classes']}")
-    for section in ("model",):
-        if ckpt["config"].get(section) != cfg.get(section):
-            diff = sorted(k for k in set(ckpt["config"][section]) | set(cfg[section])
-                          if ckpt["config"][section].get(k) != cfg[section].get(k))
-            raise CheckpointError(f"{source}: written by a run with another {section} config (differs in "
-                                  f"{', '.join(f'{section}.{k}' for k in diff)})")
+    try:  # a checkpoint of an older version holds the config without the defaults of later keys
+        theirs = resolve({"model": ckpt["config"]["model"]})["model"]
+    except ValueError as err:
+        raise CheckpointError(f"{source}: its model config does not fit this version ({err})") from None
+    diff = sorted(k for k in cfg["model"] if theirs.get(k) != cfg["model"][k] and k != "pretrained_backbone")
+    if diff:
+        raise CheckpointError(f"{source}: written by a run with another model config (differs in "
+                              f"{', '.join(f'model.{k}' for k in diff)})")
     if old.get("stage", cfg["train"]["stage"]) != cfg["train"]["stage"]:
         raise CheckpointError(f"{source}: a {old['stage']!r} run, this config trains {cfg['train']['stage']!r}")
 
