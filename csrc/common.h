@@ -6,7 +6,15 @@
 #include <ATen/Dispatch.h>
 
 #define LTK_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
-#define LTK_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+// The device type of the CUDA kernels' tensors: CUDA, or CPU under the CPU emulation of CUDA (csrc/emu), where CPU
+// tensors stand for CUDA ones.
+#ifdef LTK_CUDA_EMU
+#define LTK_CUDA_DEVICE at::kCPU
+#else
+#define LTK_CUDA_DEVICE at::kCUDA
+#endif
+#define LTK_CHECK_CUDA(x) \
+  TORCH_CHECK((x).device().type() == LTK_CUDA_DEVICE, #x " must be a CUDA tensor, got ", (x).device())
 #define LTK_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must be ", d, "-D, got shape ", (x).sizes())
 
 // float32/float64/float16/bfloat16: the dtypes every ltkernels op accepts for its floating-point inputs.

@@ -13,7 +13,8 @@ from ltkernels._ext import has_op
 from ltkernels.reference.equalized_focal_loss import EqualizedFocalLossReference, efl_statistics, efl_targets
 from ltkernels.reference.equalized_focal_loss import equalized_focal_loss as ref_loss
 
-from conftest import devices
+from conftest import EMULATION, CudaSide, devices
+from ltkernels.testing import cuda_emulation as emulation
 
 pytestmark = pytest.mark.skipif(not has_op("equalized_focal_loss"), reason="equalized_focal_loss not built")
 
@@ -326,25 +327,54 @@ def test_empty_batch(device):
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_cuda_matches_cpu(dtype):
+def test_cuda_matches_cpu(cuda_side, dtype):
     c = 1203
     logits, labels = make_batch(3001, c, dtype=dtype, spread=2.0)
-    out = {}
-    for device in ("cpu", "cuda"):
-        mod = ltkernels.EqualizedFocalLoss(c).to(device)
-        for step in range(2):
-            x = logits.to(device).clone().requires_grad_()
-            loss = mod(x, labels.to(device))
-            (1.7 * loss).backward()
-        out[device] = (loss, x.grad, mod.pos_grad, mod.neg_grad, mod.pos_neg)
+
+    def run(side):
+        mod = ltkernels.EqualizedFocalLoss(c).to(side.device)
+        with side:
+            for step in range(2):
+                x = side.put(logits).requires_grad_()
+                loss = mod(x, side.put(labels))
+                (1.7 * loss).backward()
+        return loss, x.grad, mod.pos_grad, mod.neg_grad, mod.pos_neg
+
+    cpu = CudaSide("cpu")
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    for a, b in zip(out["cpu"], out["cuda"]):
+    for a, b in zip(run(cpu), run(cuda_side)):
         torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol * a.abs().max().item())
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sms", [2, 132])
+def test_cuda_deterministic_statistics_in_every_order(sms):
+    """With deterministic algorithms on, the statistics are summed in a fixed order: bit-identical in every thread
+    order and SM count of the emulation (the grid, and so the partial sums, depend on the SM count alone)."""
+    if not EMULATION:
+        pytest.skip("this build has no CUDA emulation")
+    c = 97
+    logits, labels = make_batch(700, c, dtype=torch.float32, spread=2.0)
+    results = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for order in emulation.ORDERS:
+            with emulation.cuda_emulation(order=order, seed=5, sms=sms):
+                mod = ltkernels.EqualizedFocalLoss(c)
+                x = logits.clone().requires_grad_()
+                loss = mod(x, labels)
+                loss.backward()
+            results.append((loss, x.grad, mod.pos_grad, mod.neg_grad))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
 def test_cuda_no_host_sync():
     c = 64
     mod = ltkernels.EqualizedFocalLoss(c).cuda()

@@ -12,7 +12,8 @@ from ltkernels import group_softmax_selection
 from ltkernels.reference.group_softmax import (group_softmax_loss_reference, group_softmax_scores_reference,
                                                official_group_softmax_loss)
 
-from conftest import devices
+from conftest import EMULATION, CudaSide, devices
+from ltkernels.testing import cuda_emulation as emulation
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INF = math.inf
@@ -428,30 +429,56 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(scores, group_softmax_scores_reference(x.detach(), G))
 
 
-@pytest.mark.cuda
-def test_cpu_vs_cuda():
+def test_cpu_vs_cuda(cuda_side):
     G = small_groups()
     labels = make_labels(333, G, "cpu")
+    dev = cuda_side.device
     for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
         x = torch.randn(333, G.num_logits, dtype=dtype) * 3
         xc = x.clone().requires_grad_()
-        xg = x.cuda().requires_grad_()
         lc = group_softmax_loss(xc, labels, G, INF)
-        lg = group_softmax_loss(xg, labels.cuda(), G, INF)
         lc.backward()
-        lg.backward()
+        sc = group_softmax_scores(x, G)
+        with cuda_side:
+            xg = cuda_side.put(x).requires_grad_()
+            lg = group_softmax_loss(xg, cuda_side.put(labels), G, INF)
+            lg.backward()
+            sg = group_softmax_scores(cuda_side.put(x), G)
         torch.testing.assert_close(lg.cpu().float(), lc.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(xg.grad.cpu().float(), xc.grad.float(), rtol=tol, atol=tol)
-        torch.testing.assert_close(group_softmax_scores(x.cuda(), G).cpu().float(),
-                                   group_softmax_scores(x, G).float(), rtol=tol, atol=tol)
-    # a sampled CUDA loss equals the CPU kernel on the same (CUDA-drawn) selection
+        torch.testing.assert_close(sg.cpu().float(), sc.float(), rtol=tol, atol=tol)
+    # a sampled CUDA loss equals the CPU kernel on the same (device-drawn) selection
     x = torch.randn(333, G.num_logits, dtype=torch.float64)
-    sel = group_softmax_selection(labels.cuda(), G, 2.0, torch.Generator(device="cuda").manual_seed(9))
-    lg = group_softmax_loss(x.cuda(), labels.cuda(), G, 2.0, generator=torch.Generator(device="cuda").manual_seed(9))
+    with cuda_side:
+        sel = group_softmax_selection(cuda_side.put(labels), G, 2.0, torch.Generator(device=dev).manual_seed(9))
+        lg = group_softmax_loss(cuda_side.put(x), cuda_side.put(labels), G, 2.0,
+                                generator=torch.Generator(device=dev).manual_seed(9))
     torch.testing.assert_close(lg.cpu(), group_softmax_loss_reference(x, labels, G, sel.cpu()))
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sms", [2, 132])
+def test_cuda_bitwise_identical_in_every_order(sms):
+    """One block per row, a fixed reduction tree: loss, gradient and scores bit-identical in every order."""
+    if not EMULATION:
+        pytest.skip("this build has no CUDA emulation")
+    G = small_groups()
+    labels = make_labels(64, G, "cpu")
+    x = torch.randn(64, G.num_logits) * 3
+    results = []
+    for order in emulation.ORDERS:
+        with emulation.cuda_emulation(order=order, seed=3, sms=sms):
+            xg = x.clone().requires_grad_()
+            loss = group_softmax_loss(xg, labels, G, INF)
+            loss.backward()
+            results.append((loss, xg.grad, group_softmax_scores(x, G)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
 def test_no_host_sync_cuda():
     """Sampling, counts, normalisers, the kernel, backward and the score merge never synchronise with the host."""
     G = small_groups()

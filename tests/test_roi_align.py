@@ -7,7 +7,7 @@ import torchvision
 import ltkernels
 from ltkernels.reference.roi_align import roi_align_reference
 
-from conftest import devices
+from conftest import cuda_devices, devices
 
 # Two shapes that send the CPU kernels down their two paths: many RoIs on a small map use the channels-last
 # (vectorised over channels) path, a few RoIs on a large map read the NCHW planes in place.
@@ -323,43 +323,41 @@ def test_bad_input():
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------------
-cuda = pytest.mark.cuda
-
-
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
-def test_cuda_matches_cpu(dtype, aligned, sampling_ratio):
+def test_cuda_matches_cpu(cuda_side, dtype, aligned, sampling_ratio):
     x = torch.randn(2, 5, 23, 19).to(dtype)
     rois = make_boxes(30, 2, 23, 19, scale=0.5, dtype=torch.float32)
     args = ((3, 4), 0.5, sampling_ratio, aligned)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype in (torch.float32, torch.float64) else dict(rtol=2e-2, atol=2e-2)
     out_cpu = ltkernels.roi_align(x, rois, *args)
-    out_gpu = ltkernels.roi_align(x.cuda(), rois.cuda(), *args)
+    with cuda_side:
+        out_gpu = ltkernels.roi_align(cuda_side.put(x), cuda_side.put(rois), *args)
     assert out_gpu.dtype == dtype
     torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), **tol)
     g = torch.randn(30, 5, 3, 4).to(dtype)
     xc = x.clone().requires_grad_()
     ltkernels.roi_align(xc, rois, *args).backward(g)
     for deterministic in (False, True):
-        xg = x.cuda().requires_grad_()
-        with torch.autograd.set_grad_enabled(True):
+        xg = cuda_side.put(x).requires_grad_()
+        with torch.autograd.set_grad_enabled(True), cuda_side:
             torch.use_deterministic_algorithms(deterministic)
             try:
-                ltkernels.roi_align(xg, rois.cuda(), *args).backward(g.cuda())
+                ltkernels.roi_align(xg, cuda_side.put(rois), *args).backward(cuda_side.put(g))
             finally:
                 torch.use_deterministic_algorithms(False)
         torch.testing.assert_close(xg.grad.cpu().float(), xc.grad.float(), **tol)
 
 
-@cuda
+@pytest.mark.parametrize("device", cuda_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_deterministic_backward_is_bitwise_reproducible(dtype):
-    n, c, h, w = 2, 16, 40, 50
-    x = torch.randn(n, c, h, w, device="cuda").to(dtype).requires_grad_()
-    rois = make_boxes(500, n, h, w, scale=1 / 8, dtype=torch.float32, device="cuda")
-    g = torch.randn(500, c, 7, 7, device="cuda").to(dtype)
+def test_cuda_deterministic_backward_is_bitwise_reproducible(device, dtype):
+    n, c, h, w = (2, 4, 20, 25) if device == "cpu" else (2, 16, 40, 50)  # smaller under the emulation
+    k = 60 if device == "cpu" else 500
+    x = torch.randn(n, c, h, w, device=device).to(dtype).requires_grad_()
+    rois = make_boxes(k, n, h, w, scale=1 / 8, dtype=torch.float32, device=device)
+    g = torch.randn(k, c, 7, 7, device=device).to(dtype)
     grads = []
     torch.use_deterministic_algorithms(True)
     try:
@@ -376,10 +374,10 @@ def test_cuda_deterministic_backward_is_bitwise_reproducible(dtype):
     torch.testing.assert_close(grads[0].float(), x.grad.float(), **tol)
 
 
-@cuda
-def test_cuda_matches_torchvision_and_reference():
-    x = torch.randn(2, 4, 17, 21, dtype=torch.float64, device="cuda")
-    rois = make_boxes(12, 2, 17, 21, dtype=torch.float64, device="cuda")
+@pytest.mark.parametrize("device", cuda_devices())
+def test_cuda_matches_torchvision_and_reference(device):
+    x = torch.randn(2, 4, 17, 21, dtype=torch.float64, device=device)
+    rois = make_boxes(12, 2, 17, 21, dtype=torch.float64, device=device)
     for aligned in (False, True):
         for sr in (-1, 0, 3):
             ref = roi_align_reference(x, rois, (2, 5), 1.0, sr, aligned)
@@ -396,16 +394,16 @@ def test_cuda_matches_torchvision_and_reference():
     torch.testing.assert_close(x32.grad, tv_x.grad, rtol=1e-5, atol=1e-5)
 
 
-@cuda
-def test_cuda_empty_and_gradcheck_and_opcheck():
-    x = torch.randn(2, 3, 8, 8, device="cuda", dtype=torch.float64, requires_grad=True)
-    empty = ltkernels.roi_align(x, torch.zeros(0, 5, device="cuda", dtype=torch.float64), 2)
+@pytest.mark.parametrize("device", cuda_devices())
+def test_cuda_empty_and_gradcheck(device):
+    x = torch.randn(2, 3, 8, 8, device=device, dtype=torch.float64, requires_grad=True)
+    empty = ltkernels.roi_align(x, torch.zeros(0, 5, device=device, dtype=torch.float64), 2)
     assert empty.shape == (0, 3, 2, 2)
     empty.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
-    assert ltkernels.roi_align(torch.randn(1, 0, 5, 5, device="cuda"),
-                               torch.tensor([[0, 1.0, 1, 4, 4]], device="cuda"), 2).shape == (1, 0, 2, 2)
-    rois = make_boxes(5, 2, 8, 8, device="cuda")
+    assert ltkernels.roi_align(torch.randn(1, 0, 5, 5, device=device),
+                               torch.tensor([[0, 1.0, 1, 4, 4]], device=device), 2).shape == (1, 0, 2, 2)
+    rois = make_boxes(5, 2, 8, 8, device=device)
     for det in (False, True):
         torch.use_deterministic_algorithms(det)
         try:
@@ -413,10 +411,17 @@ def test_cuda_empty_and_gradcheck_and_opcheck():
                                             fast_mode=True)
         finally:
             torch.use_deterministic_algorithms(False)
-    torch.library.opcheck(torch.ops.ltkernels.roi_align.default, (x, rois, 1.0, 2, 3, 2, True))
-    with pytest.raises(ValueError, match="boxes is on cpu"):
-        ltkernels.roi_align(x, rois.cpu(), 2)
     bad = rois.clone()
     bad[0, 0] = 7
     with pytest.raises(ValueError, match="batch index"):
         ltkernels.roi_align(x, bad, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
+def test_cuda_opcheck_and_devices():
+    x = torch.randn(2, 3, 8, 8, device="cuda", dtype=torch.float64, requires_grad=True)
+    rois = make_boxes(5, 2, 8, 8, device="cuda")
+    torch.library.opcheck(torch.ops.ltkernels.roi_align.default, (x, rois, 1.0, 2, 3, 2, True))
+    with pytest.raises(ValueError, match="boxes is on cpu"):
+        ltkernels.roi_align(x, rois.cpu(), 2)

@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "cuda/launch.h"
 #include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
 
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) efl_forward_kernel(const scalar_t* _
   }
   // block reduction: warp shuffles, then the warps' sums through shared memory
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-  __shared__ A warp_sums[kThreads / 32];
+  LTK_SHARED(A, warp_sums, kThreads / 32);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_sums[warp] = acc;
   __syncthreads();
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) efl_backward_kernel(
     const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, const A* __restrict__ pos_neg,
     const A* __restrict__ gscale_ptr, int64_t n, int64_t c, Params p, int64_t ignore_index,
     scalar_t* __restrict__ grad, A* __restrict__ pos_out, A* __restrict__ neg_out, A* __restrict__ partial) {
-  extern __shared__ unsigned char smem_raw[];
+  LTK_DYNAMIC_SHARED(unsigned char, smem_raw);
   A* s_pos = reinterpret_cast<A*>(smem_raw);
   A* s_neg = s_pos + c;
   if constexpr (SMEM) {
@@ -193,7 +194,7 @@ at::Tensor efl_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, 
   auto stream = at::cuda::getCurrentCUDAStream();
   LTK_DISPATCH_FLOATING(x.scalar_type(), "equalized_focal_loss_cuda", [&] {
     using A = ltk::acc_t<scalar_t>;
-    efl_forward_kernel<scalar_t, A><<<blocks, kThreads, 0, stream>>>(
+    LTK_LAUNCH(blocks, kThreads, 0, stream, efl_forward_kernel<scalar_t, A>)(
         x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), g.const_data_ptr<A>(), n, c, p, ignore_index,
         partial.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -234,12 +235,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tenso
     if (use_smem && deterministic) partial = at::empty({blocks, 2 * c}, logits.options().dtype(acc));
     A* partial_ptr = partial.defined() ? partial.data_ptr<A>() : nullptr;
     if (use_smem) {
-      efl_backward_kernel<scalar_t, A, true><<<blocks, kThreads, smem, stream>>>(
+      LTK_LAUNCH(blocks, kThreads, smem, stream, efl_backward_kernel<scalar_t, A, true>)(
           x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), g.const_data_ptr<A>(),
           gscale.const_data_ptr<A>(), n, c, p, ignore_index, grad.data_ptr<scalar_t>(), pos.data_ptr<A>(),
           neg.data_ptr<A>(), partial_ptr);
     } else {
-      efl_backward_kernel<scalar_t, A, false><<<blocks, kThreads, 0, stream>>>(
+      LTK_LAUNCH(blocks, kThreads, 0, stream, efl_backward_kernel<scalar_t, A, false>)(
           x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), g.const_data_ptr<A>(),
           gscale.const_data_ptr<A>(), n, c, p, ignore_index, grad.data_ptr<scalar_t>(), pos.data_ptr<A>(),
           neg.data_ptr<A>(), nullptr);

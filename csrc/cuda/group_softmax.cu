@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cuda/launch.h"
 #include "group_softmax.h"
 
 namespace {
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) group_softmax_loss_kernel(
     const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, const bool* __restrict__ selected,
     const acc_t* __restrict__ scale, const int64_t* __restrict__ label_targets, const int64_t* __restrict__ offsets,
     int64_t N, int64_t K, int G1, int64_t C1, scalar_t* __restrict__ grad, acc_t* __restrict__ row_loss) {
-  __shared__ MaxSum<acc_t> shared[33];
+  LTK_SHARED(MaxSum<acc_t>, shared, 33);
   const int64_t i = blockIdx.x;
   CUDA_KERNEL_ASSERT(labels[i] >= 0 && labels[i] < C1 && "labels must lie in 0..C (ignored rows mapped to 0)");
   const scalar_t* xi = x + i * K;
@@ -118,8 +119,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_softmax_scores_kernel(
     const scalar_t* __restrict__ x, const int64_t* __restrict__ offsets, const int64_t* __restrict__ label_group,
     const int64_t* __restrict__ score_column, int64_t K, int G1, int64_t C1, scalar_t* __restrict__ out) {
-  __shared__ MaxSum<acc_t> shared[33];
-  extern __shared__ unsigned char lse_raw[];
+  LTK_SHARED(MaxSum<acc_t>, shared, 33);
+  LTK_DYNAMIC_SHARED(unsigned char, lse_raw);
   acc_t* lse = reinterpret_cast<acc_t*>(lse_raw);  // [G1]
   const int64_t i = blockIdx.x;
   const scalar_t* xi = x + i * K;
@@ -168,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cuda(const at::Tensor& log
     auto stream = at::cuda::getCurrentCUDAStream();
     LTK_DISPATCH_FLOATING(a.logits.scalar_type(), "group_softmax_loss_cuda", [&] {
       using acc_t = ltk::acc_t<scalar_t>;
-      group_softmax_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      LTK_LAUNCH(static_cast<unsigned>(N), kThreads, 0, stream, group_softmax_loss_kernel<scalar_t, acc_t>)(
           a.logits.data_ptr<scalar_t>(), a.labels.data_ptr<int64_t>(), a.selected.data_ptr<bool>(),
           a.scale.data_ptr<acc_t>(), a.label_targets.data_ptr<int64_t>(), a.group_offsets.data_ptr<int64_t>(), N, K,
           static_cast<int>(G1), a.label_targets.size(0), a.grad.data_ptr<scalar_t>(), a.row_loss.data_ptr<acc_t>());
@@ -200,7 +201,8 @@ at::Tensor group_softmax_scores_cuda(const at::Tensor& logits_, const at::Tensor
     auto stream = at::cuda::getCurrentCUDAStream();
     LTK_DISPATCH_FLOATING(logits.scalar_type(), "group_softmax_scores_cuda", [&] {
       using acc_t = ltk::acc_t<scalar_t>;
-      group_softmax_scores_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kThreads, G1 * sizeof(acc_t), stream>>>(
+      LTK_LAUNCH(static_cast<unsigned>(N), kThreads, G1 * sizeof(acc_t), stream,
+                 group_softmax_scores_kernel<scalar_t, acc_t>)(
           logits.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), label_group.data_ptr<int64_t>(),
           score_column.data_ptr<int64_t>(), K, static_cast<int>(G1), C1, out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda/launch.h"
 #include "nms_math.h"
 
 namespace {
@@ -43,7 +44,7 @@ __global__ void nms_mask_kernel(const C* __restrict__ boxes, int64_t n, int64_t 
   if (row_block > col_block) return;
   const int row_size = static_cast<int>(min(n - row_block * kTile, static_cast<int64_t>(kTile)));
   const int col_size = static_cast<int>(min(n - col_block * kTile, static_cast<int64_t>(kTile)));
-  __shared__ C tile[kTile * 5];
+  LTK_SHARED(C, tile, kTile * 5);
   const int t = threadIdx.x;
   if (t < col_size) {
     const C* b = boxes + (col_block * kTile + t) * 4;
@@ -71,8 +72,8 @@ __global__ void nms_mask_kernel(const C* __restrict__ boxes, int64_t n, int64_t 
 // One block: the greedy pass over the tiles. remv (zeroed, col_blocks words) collects the suppressed bits.
 __global__ void nms_reduce_kernel(const unsigned long long* __restrict__ mask, int64_t n, int64_t col_blocks,
                                   unsigned long long* __restrict__ remv, bool* __restrict__ keep) {
-  __shared__ unsigned long long diag[kTile];
-  __shared__ unsigned long long kept_bits;
+  LTK_SHARED(unsigned long long, diag, kTile);
+  LTK_SHARED(unsigned long long, kept_bits, 1);
   const int t = threadIdx.x;
   for (int64_t b = 0; b < col_blocks; ++b) {
     const int rows = static_cast<int>(min(n - b * kTile, static_cast<int64_t>(kTile)));
@@ -86,10 +87,10 @@ __global__ void nms_reduce_kernel(const unsigned long long* __restrict__ mask, i
           cur |= diag[k];
         }
       }
-      kept_bits = kb;
+      kept_bits[0] = kb;
     }
     __syncthreads();
-    const unsigned long long kb = kept_bits;
+    const unsigned long long kb = kept_bits[0];
     if (t < rows) keep[b * kTile + t] = (kb >> t) & 1ULL;
     for (int64_t j = b + 1 + t; j < col_blocks; j += blockDim.x) {
       unsigned long long acc = 0, bits = kb;
@@ -121,7 +122,7 @@ void check_values(const at::Tensor& boxes, const at::Tensor& scores, const at::T
 at::ScalarType calc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
-  ltk::nms::check_boxes_scores(boxes, scores, at::kCUDA);
+  ltk::nms::check_boxes_scores(boxes, scores, LTK_CUDA_DEVICE);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
@@ -136,12 +137,12 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double io
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(sorted.scalar_type(), "ltkernels_nms_cuda", [&] {
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(col_blocks));
-    nms_mask_kernel<scalar_t><<<grid, kTile, 0, stream>>>(
+    LTK_LAUNCH(grid, kTile, 0, stream, nms_mask_kernel<scalar_t>)(
         sorted.data_ptr<scalar_t>(), n, col_blocks, threshold_below<scalar_t>(iou_threshold),
         reinterpret_cast<unsigned long long*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  nms_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(
+  LTK_LAUNCH(1, kReduceThreads, 0, stream, nms_reduce_kernel)(
       reinterpret_cast<const unsigned long long*>(mask.data_ptr<int64_t>()), n, col_blocks,
       reinterpret_cast<unsigned long long*>(remv.data_ptr<int64_t>()), keep.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -202,7 +203,7 @@ at::Tensor segment_walk(const at::Tensor& boxes_c, const at::Tensor& key, double
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t grid = std::min<int64_t>(m, static_cast<int64_t>(sms) * 32);
   AT_DISPATCH_FLOATING_TYPES(boxes_c.scalar_type(), "ltkernels_segment_walk", [&] {
-    segment_walk_kernel<scalar_t><<<static_cast<unsigned>(grid), kWalkThreads, 0, stream>>>(
+    LTK_LAUNCH(static_cast<unsigned>(grid), kWalkThreads, 0, stream, segment_walk_kernel<scalar_t>)(
         boxes_c.data_ptr<scalar_t>(), key.data_ptr<int64_t>(), m, threshold_below<scalar_t>(iou_threshold),
         scratch.data_ptr<scalar_t>(), keep.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -212,8 +213,8 @@ at::Tensor segment_walk(const at::Tensor& boxes_c, const at::Tensor& key, double
 
 at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                             double iou_threshold) {
-  ltk::nms::check_boxes_scores(boxes, scores, at::kCUDA);
-  ltk::nms::check_idxs(idxs, boxes, at::kCUDA);
+  ltk::nms::check_boxes_scores(boxes, scores, LTK_CUDA_DEVICE);
+  ltk::nms::check_idxs(idxs, boxes, LTK_CUDA_DEVICE);
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
@@ -234,7 +235,7 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms_cuda(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& image_index, int64_t num_images,
     double score_threshold, double iou_threshold, int64_t max_per_image) {
-  ltk::nms::check_multiclass_args(boxes, scores, image_index, num_images, at::kCUDA);
+  ltk::nms::check_multiclass_args(boxes, scores, image_index, num_images, LTK_CUDA_DEVICE);
   const int64_t n = scores.size(0), C = scores.size(1);
   const bool class_specific = boxes.dim() == 3;
   c10::cuda::CUDAGuard guard(scores.device());

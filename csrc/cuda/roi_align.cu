@@ -13,12 +13,14 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "common.h"
+#include "cuda/launch.h"
 #include "roi_align_math.h"
 
 namespace {
@@ -243,8 +245,9 @@ __global__ void roi_align_backward_gather_kernel(int64_t total, const T* __restr
 
 // ---- host wrappers ------------------------------------------------------------------------------------------------
 void check_common(const at::Tensor& t, const at::Tensor& rois, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(rois.is_cuda() && rois.device() == t.device(), "rois must be on ", t.device(), ", got ", rois.device());
+  TORCH_CHECK(t.device().type() == LTK_CUDA_DEVICE, name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(rois.device().type() == LTK_CUDA_DEVICE && rois.device() == t.device(), "rois must be on ",
+              t.device(), ", got ", rois.device());
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got shape ", t.sizes());
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
@@ -275,7 +278,7 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   LTK_DISPATCH_FLOATING(input.scalar_type(), "roi_align_forward_cuda", [&] {
     using acc = ltk::acc_t<scalar_t>;
     const at::Tensor r = rois.to(c10::CppTypeToScalarType<acc>::value).contiguous();
-    roi_align_forward_kernel<scalar_t, acc><<<num_blocks(total), kThreads, 0, stream>>>(
+    LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, acc>)(
         total, in.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), static_cast<acc>(spatial_scale), N, C,
         static_cast<int>(H), static_cast<int>(W), static_cast<int>(pooled_height), static_cast<int>(pooled_width),
         static_cast<int>(sampling_ratio), aligned, out.mutable_data_ptr<scalar_t>());
@@ -322,14 +325,14 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
               .contiguous();
       at::Tensor bounds = at::empty({K, 4}, image.options().dtype(at::kInt));
       if (K > 0) {
-        roi_bounds_kernel<acc><<<num_blocks(K), kThreads, 0, stream>>>(
+        LTK_LAUNCH(num_blocks(K), kThreads, 0, stream, roi_bounds_kernel<acc>)(
             K, r.const_data_ptr<acc>(), order.const_data_ptr<int64_t>(), scale, N, H, W, PH, PW, sr, aligned,
             reinterpret_cast<int4*>(bounds.mutable_data_ptr<int32_t>()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       grad_input = at::empty({N, C, height, width}, grad.options());
       const int64_t total = grad_input.numel();
-      roi_align_backward_gather_kernel<scalar_t, acc><<<num_blocks(total), kThreads, 0, stream>>>(
+      LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_backward_gather_kernel<scalar_t, acc>)(
           total, g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), order.const_data_ptr<int64_t>(),
           reinterpret_cast<const int4*>(bounds.const_data_ptr<int32_t>()), begin.const_data_ptr<int64_t>(), scale, N,
           C, H, W, PH, PW, sr, aligned, grad_input.mutable_data_ptr<scalar_t>());
@@ -337,7 +340,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
     } else {
       at::Tensor buffer = at::zeros({N, C, height, width}, grad.options().dtype(acc_type));
       const int64_t total = g.numel();
-      roi_align_backward_atomic_kernel<scalar_t, acc><<<num_blocks(total), kThreads, 0, stream>>>(
+      LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, acc>)(
           total, g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), scale, N, C, H, W, PH, PW, sr, aligned,
           buffer.mutable_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
