@@ -20,6 +20,7 @@ median as extra_info["cuda_event_median_ms"], which `ltk bench` reports in prefe
 """
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ import torch
 from ltkernels.models.benchmarking.harness import (
     bench_devices, cuda_event_times, device_name, environment_info, quick_mode, sync,
 )
+from ltkernels.testing.checkout_guard import forbid_sibling_reads
+
+forbid_sibling_reads(Path(__file__).resolve().parents[1])
 
 
 def pytest_generate_tests(metafunc):

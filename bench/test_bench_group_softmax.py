@@ -2,12 +2,12 @@
 (1230 classes in 4 groups). `group_softmax_loss` forward + backward with others sampling (ratio 8), and the
 inference merge `group_softmax_scores`. Peers: the eager reference (same sampling, one log_softmax per group,
 autograd), the official-style per-group loop (np.random.choice, .item() syncs) and torch.compile of the reference."""
-from pathlib import Path
 
 import pytest
 import torch
 
 import ltkernels
+from ltkernels.data import lvis_categories_path
 from ltkernels._ext import has_op
 from ltkernels.reference.group_softmax import (group_softmax_loss_eager, group_softmax_scores_reference,
                                                official_group_softmax_loss)
@@ -15,17 +15,7 @@ from ltkernels.reference.group_softmax import (group_softmax_loss_eager, group_s
 pytestmark = pytest.mark.skipif(not has_op("group_softmax_loss"), reason="group_softmax not built")
 
 N = 8192
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lvis_v0.5_categories.json"
-
-
-def lvis_groups():
-    if DATA.exists():
-        return ltkernels.BalancedGroups.from_lvis(DATA)
-    # the real v0.5 group sizes (294, 453, 302, 181) when the statistics file is absent
-    return ltkernels.BalancedGroups([1] * 294 + [2] * 453 + [3] * 302 + [4] * 181, bounds=(10, 100, 1000))
-
-
-GROUPS = lvis_groups()
+GROUPS = ltkernels.BalancedGroups.from_lvis(lvis_categories_path("v0.5"))  # groups of 294, 453, 302, 181 classes
 K = GROUPS.num_logits
 SIZE = f"{N}x{K}"
 

@@ -3,9 +3,9 @@
 - nms: 5000 boxes (ltkernels vs torchvision.ops.nms).
 - batched_nms: 20000 boxes over 80 classes (vs torchvision.ops.batched_nms, which loops over the classes at this size,
   and vs torchvision's coordinate-offset trick: one NMS over all boxes shifted by class).
-- multiclass_nms, LVIS post-processing (SPEC.md section 4): per image 1000 RoIs x 1230 classes, softmax scores,
+- multiclass_nms, LVIS post-processing (docs/spec.md §4): per image 1000 RoIs x 1230 classes, softmax scores,
   class-specific boxes, score threshold 1e-4 (about 290k candidates per image), IoU 0.5, 300 per image.
-  Peers: "torchvision" = candidates -> torchvision.ops.batched_nms -> first 300 (SPEC.md's reference pipeline),
+  Peers: "torchvision" = candidates -> torchvision.ops.batched_nms -> first 300 (docs/spec.md's reference pipeline),
   "torchvision-offset" = the same pipeline through the coordinate-offset trick.
   * one image: 1000 RoIs on CUDA; on CPU 200 RoIs (the torchvision pipeline's loop over 1230 classes took 7 to
     55 s per 1000-RoI image on the 2-core development CPU) and a 100-RoI group where the offset trick also runs

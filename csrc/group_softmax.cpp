@@ -1,4 +1,4 @@
-// Balanced Group Softmax (BAGS, SPEC.md section 1): schemas.
+// Balanced Group Softmax (BAGS, docs/spec.md §1): schemas.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(ltkernels, m) {

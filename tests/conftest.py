@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from ltkernels.testing import cuda_emulation as emulation
+from ltkernels.testing.checkout_guard import forbid_sibling_reads
+
+CHECKOUT_GUARDED = forbid_sibling_reads(Path(__file__).resolve().parents[1])
 
 CUDA = torch.cuda.is_available()
 EMULATION = emulation.available()

@@ -1,6 +1,5 @@
-"""Balanced Group Softmax (SPEC.md section 1): layout, loss (with and without sampling), scores."""
+"""Balanced Group Softmax (docs/spec.md §1): layout, loss (with and without sampling), scores."""
 import math
-from pathlib import Path
 from statistics import NormalDist
 
 import pytest
@@ -9,13 +8,13 @@ import torch
 import ltkernels
 from ltkernels import BalancedGroups, GroupSoftmaxLoss, group_softmax_loss, group_softmax_scores
 from ltkernels import group_softmax_selection
+from ltkernels.data import lvis_categories_path
 from ltkernels.reference.group_softmax import (group_softmax_loss_reference, group_softmax_scores_reference,
                                                official_group_softmax_loss)
 
 from conftest import EMULATION, CudaSide, devices
 from ltkernels.testing import cuda_emulation as emulation
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INF = math.inf
 
 
@@ -85,9 +84,7 @@ def test_layout_errors():
 
 @pytest.mark.parametrize("version,sizes", [("v0.5", (294, 453, 302, 181)), ("v1", (200, 412, 334, 257))])
 def test_lvis_groups(version, sizes):
-    path = DATA / f"lvis_{version}_categories.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared/ must sit beside the repository)")
+    path = lvis_categories_path(version)
     G = BalancedGroups.from_lvis(path)
     assert G.group_sizes == sizes
     assert G.num_classes == sum(sizes) and G.num_logits == sum(sizes) + 4 + 2

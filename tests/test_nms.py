@@ -1,4 +1,4 @@
-"""nms / batched_nms against torchvision, multiclass_nms against SPEC.md's pipeline (candidates -> torchvision
+"""nms / batched_nms against torchvision, multiclass_nms against docs/spec.md's pipeline (candidates -> torchvision
 batched_nms -> first K) at LVIS scale, the batched form, bad input, opcheck and torch.compile."""
 import contextlib
 import math

@@ -1,9 +1,13 @@
 """The package layer: build information, the torch-mismatch guard, op registration."""
+import os
+
 import pytest
 import torch
 
 import ltkernels
 from ltkernels import _ext
+
+from conftest import CHECKOUT_GUARDED
 
 OPS = ["roi_align", "_roi_align_backward", "nms", "batched_nms", "multiclass_nms", "group_softmax_loss",
        "group_softmax_scores", "equalized_focal_loss"]
@@ -37,3 +41,18 @@ def test_ops_are_registered_with_the_dispatcher(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ltkernels::{name}", "CPU")
     if ltkernels.has_cuda_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ltkernels::{name}", "CUDA")
+
+
+@pytest.mark.skipif(not CHECKOUT_GUARDED, reason="the checkout sits in a shared folder (/, the temporary or home folder)")
+def test_tests_cannot_read_beside_the_checkout(tmp_path):
+    """The checkout guard (tests/conftest.py) refuses sibling folders of the repository, so a test that needs a file
+    the repository does not hold fails here instead of passing only where that folder happens to exist."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    with pytest.raises(PermissionError, match="outside the checkout"):
+        open(root.parent / "data" / "anything.json")
+    with pytest.raises(PermissionError, match="outside the checkout"):
+        os.listdir(root.parent)
+    (tmp_path / "f").write_text("ok")  # elsewhere (temporary folders, the installed packages) is allowed
+    assert (root / "pyproject.toml").read_text()

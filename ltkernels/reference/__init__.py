@@ -1,1 +1,1 @@
-"""Pure-PyTorch implementations written from SPEC.md: the float64 test oracles and the "eager" benchmark baselines."""
+"""Pure-PyTorch implementations written from docs/spec.md: the float64 test oracles and the "eager" benchmark baselines."""

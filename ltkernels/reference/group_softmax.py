@@ -1,4 +1,4 @@
-"""Balanced Group Softmax written from SPEC.md section 1 in plain PyTorch.
+"""Balanced Group Softmax written from docs/spec.md §1 in plain PyTorch.
 
 - `group_softmax_loss_reference(logits, labels, groups, selected)`: the loss for a given selection mask
   ([G + 1, N] bool, as `ltkernels.group_softmax_selection` draws it), one log_softmax per group slice, autograd for

@@ -1,10 +1,10 @@
-"""NMS references written from SPEC.md section 4.
+"""NMS references written from docs/spec.md §4.
 
 - `nms_reference` / `batched_nms_reference`: plain greedy NMS (the test oracle). The IoU is computed with the same
   arithmetic as torchvision's CPU kernel, in the input's precision (float16/bfloat16 upcast to float32; pass
   `dtype=torch.float64` for the exact-maths variant), the comparison `iou > iou_threshold` done in float64. Ties in
   score are broken by the lower index (a stable descending sort).
-- `torchvision_multiclass_nms`: the LVIS post-processing pipeline of SPEC.md (candidates -> torchvision
+- `torchvision_multiclass_nms`: the LVIS post-processing pipeline of docs/spec.md (candidates -> torchvision
   `batched_nms` -> first K), the contract of `ltkernels.multiclass_nms` and the "torchvision" benchmark peer.
 - `torchvision_offset_multiclass_nms`: the same pipeline through torchvision's coordinate-offset trick (one NMS
   over all candidates, boxes shifted by class id), the "torchvision-offset" benchmark peer.
@@ -73,7 +73,7 @@ def _pipeline(batched, boxes, scores, score_threshold, iou_threshold, max_per_im
 
 
 def torchvision_multiclass_nms(boxes, scores, score_threshold=1e-4, iou_threshold=0.5, max_per_image=300):
-    """SPEC.md's reference: candidates -> torchvision.ops.batched_nms -> the first max_per_image."""
+    """docs/spec.md's reference: candidates -> torchvision.ops.batched_nms -> the first max_per_image."""
     import torchvision
     return _pipeline(torchvision.ops.batched_nms, boxes, scores, score_threshold, iou_threshold, max_per_image)
 

@@ -1,4 +1,4 @@
-"""RoIAlign in pure PyTorch, written from the contract (SPEC.md section 3 = torchvision.ops.roi_align).
+"""RoIAlign in pure PyTorch, written from the contract (docs/spec.md §3 = torchvision.ops.roi_align).
 
 The samples of one bin form a grid_h x grid_w tensor product, and both the out-of-map rule and the border clamps act
 on each axis on its own, so the bin average factorises into a row-weight matrix and a column-weight matrix:

@@ -12,7 +12,10 @@ on where Boost.Context is installed); `available()` says whether this one has it
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
+import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,8 +29,17 @@ def _load():
     global _lib
     if _lib is None:
         import ltkernels  # noqa: F401  (the schemas' torch dependencies and the version check come first)
+        override = os.environ.get("LTKERNELS_LIBRARY")  # a developer's build: its emulated library lies beside it
         try:
-            _lib = importlib.import_module("ltkernels._C_emu")
+            if override:
+                found = glob.glob(os.path.join(os.path.dirname(override), "_C_emu*.so"))
+                if not found:
+                    raise ImportError(f"no _C_emu library beside {override}")
+                spec = importlib.util.spec_from_file_location("ltkernels._C_emu", found[0])
+                _lib = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_lib)
+            else:
+                _lib = importlib.import_module("ltkernels._C_emu")
         except ImportError:
             _lib = False
     return _lib or None
