@@ -1,5 +1,5 @@
 // IoU arithmetic of the NMS kernels, shared by csrc/cpu/nms.cpp and csrc/cuda/nms.cu so that they agree bit for bit
-// (SPEC.md section 4). It is torchvision's CPU expression order in the compute type C (float or double):
+// (docs/spec.md §4). It is torchvision's CPU expression order in the compute type C (float or double):
 //   area = (x2 - x1) * (y2 - y1), w = max(0, min(x2) - max(x1)), h likewise, inter = w * h,
 //   iou = inter / (area_a + area_b - inter).
 // On the device every operation is a correctly rounded intrinsic (__fadd_rn, ...), which nvcc never contracts into
@@ -99,6 +99,10 @@ inline void check_idxs(const at::Tensor& idxs, const at::Tensor& boxes, c10::Dev
               "idxs must be an integer tensor, got ", idxs.scalar_type());
 }
 
+// The kernels keep per-image bookkeeping: bounding num_images makes a wrong value an error instead of an
+// allocation failure (ltkernels.MAX_IMAGES_PER_CALL).
+constexpr int64_t kMaxImagesPerCall = int64_t{1} << 24;
+
 // Host only: the arguments of multiclass_nms.
 inline void check_multiclass_args(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& image_index,
                                   int64_t num_images, c10::DeviceType device) {
@@ -117,7 +121,8 @@ inline void check_multiclass_args(const at::Tensor& boxes, const at::Tensor& sco
   TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "boxes and scores must have the same dtype");
   TORCH_CHECK(image_index.scalar_type() == at::kLong && image_index.dim() == 1 && image_index.size(0) == n,
               "image_index must be an int64 tensor of shape [N]");
-  TORCH_CHECK(num_images >= 0, "num_images must be >= 0");
+  TORCH_CHECK_VALUE(num_images >= 0 && num_images <= kMaxImagesPerCall, "num_images must lie in [0, ",
+                    kMaxImagesPerCall, "], got ", num_images);
 }
 
 }  // namespace ltk::nms

@@ -1,4 +1,4 @@
-// RoIAlign geometry shared by csrc/cpu/roi_align.cpp and csrc/cuda/roi_align.cu (SPEC.md section 3): torchvision's
+// RoIAlign geometry shared by csrc/cpu/roi_align.cpp and csrc/cuda/roi_align.cu (docs/spec.md §3): torchvision's
 // formulas, in the accumulation type `acc` (float, or double for float64 input). `I` is the integer type of the
 // caller's sizes and indices (int64_t on the CPU, int on the device); the integer-to-acc conversions are the
 // caller's own, so each kernel rounds exactly as it did with its private copy.
@@ -27,6 +27,11 @@ struct Box {
   I grid_h, grid_w;
 };
 
+// Adaptive sampling (sampling_ratio <= 0) may take at most this many samples per bin (grid_h * grid_w); the Python
+// API raises for a RoI beyond it (ltkernels.MAX_ADAPTIVE_SAMPLES), the CPU kernel too (`adaptive_grid_too_large`).
+// A caller's integer cap (>= this) then never truncates a grid that is allowed.
+constexpr int64_t kMaxAdaptiveSamples = int64_t{1} << 20;
+
 // Samples per bin along one axis: sampling_ratio, or adaptive ceil(roi_len / pooled) capped at `cap`.
 template <typename acc, typename I>
 LTK_ROI_HD I grid_size(acc roi_len, I pooled, I sampling_ratio, I cap) {
@@ -48,7 +53,18 @@ LTK_ROI_HD acc at_least_one(acc v) {
 #endif
 }
 
-// roi = (batch, x1, y1, x2, y2) in image coordinates; the batch index is the caller's to check.
+// Whether the adaptive grid of a RoI of roi_h x roi_w feature pixels exceeds kMaxAdaptiveSamples per bin (computed
+// before any cap; an empty axis means no samples at all).
+template <typename acc, typename I>
+LTK_ROI_HD bool adaptive_grid_too_large(acc roi_h, acc roi_w, I PH, I PW) {
+  const acc gh = ceil_(roi_h / static_cast<acc>(PH));
+  const acc gw = ceil_(roi_w / static_cast<acc>(PW));
+  if (!(gh > 0) || !(gw > 0)) return false;
+  return static_cast<double>(gh) * static_cast<double>(gw) > static_cast<double>(kMaxAdaptiveSamples);
+}
+
+// roi = (batch, x1, y1, x2, y2) in image coordinates; the batch index is the caller's to check. A RoI whose adaptive
+// grid is too large, or has an empty axis, gets no samples (it pools zeros on a device that cannot raise).
 template <typename acc, typename I>
 LTK_ROI_HD Box<acc, I> box(const acc* roi, acc scale, I PH, I PW, I sampling_ratio, bool aligned, I grid_cap) {
   Box<acc, I> b;
@@ -67,6 +83,9 @@ LTK_ROI_HD Box<acc, I> box(const acc* roi, acc scale, I PH, I PW, I sampling_rat
   b.bin_w = roi_w / static_cast<acc>(PW);
   b.grid_h = grid_size(roi_h, PH, sampling_ratio, grid_cap);
   b.grid_w = grid_size(roi_w, PW, sampling_ratio, grid_cap);
+  if (b.grid_h == 0 || b.grid_w == 0 || (sampling_ratio <= 0 && adaptive_grid_too_large(roi_h, roi_w, PH, PW))) {
+    b.grid_h = b.grid_w = 0;
+  }
   return b;
 }
 

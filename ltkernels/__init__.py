@@ -7,10 +7,14 @@ from ._ext import LibraryMismatchError, build_info, has_cuda_kernels
 from .ops.equalized_focal_loss import *  # noqa: F401,F403
 from .ops.group_softmax import *  # noqa: F401,F403
 from .ops.nms import *  # noqa: F401,F403
+from .ops.poolers import *  # noqa: F401,F403
 from .ops.roi_align import *  # noqa: F401,F403
-from .ops import equalized_focal_loss as _efl, group_softmax as _gs, nms as _nms, roi_align as _ra
+from .ops import equalized_focal_loss as _efl, group_softmax as _gs, nms as _nms, poolers as _pl, roi_align as _ra
+from ._validate import ArgumentTypeError, ArgumentValueError, BoxesShapeError
+from .torchvision_compat import TorchvisionPatch, patch_torchvision
 
 __version__ = build_info()["version"]
 
-__all__ = ["build_info", "has_cuda_kernels", "LibraryMismatchError", "__version__",
-           *_efl.__all__, *_gs.__all__, *_nms.__all__, *_ra.__all__]
+__all__ = ["build_info", "has_cuda_kernels", "LibraryMismatchError", "__version__", "ArgumentTypeError",
+           "ArgumentValueError", "BoxesShapeError", "patch_torchvision", "TorchvisionPatch", *_efl.__all__,
+           *_gs.__all__, *_nms.__all__, *_pl.__all__, *_ra.__all__]

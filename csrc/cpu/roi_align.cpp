@@ -88,12 +88,26 @@ int64_t build_tables(Axis<acc>& ay, Axis<acc>& ax, const acc* roi, acc scale, co
   return static_cast<int64_t>(roi[0]);
 }
 
+// The rules of the Python API, so a compiled graph (which skips the Python checks) fails the same way: an integer
+// batch index in [0, N), and an adaptive grid within ltk::roi_align::kMaxAdaptiveSamples per bin.
 template <typename acc>
-void check_batch_indices(const acc* rois, int64_t K, int64_t N) {
-  for (int64_t k = 0; k < K; ++k) {
-    const acc b = rois[5 * k];
-    TORCH_CHECK(std::isfinite(b) && static_cast<int64_t>(b) >= 0 && static_cast<int64_t>(b) < N,
-                "roi_align: rois[", k, ", 0] (the batch index) must lie in [0, ", N, "), got ", b);
+void check_rois(const acc* rois, acc scale, const Dims& d) {
+  for (int64_t k = 0; k < d.K; ++k) {
+    const acc* roi = rois + 5 * k;
+    const acc b = roi[0];
+    TORCH_CHECK_VALUE(std::isfinite(b) && b == std::trunc(b) && b >= 0 && b < static_cast<acc>(d.N),
+                      "roi_align: rois[", k, ", 0] (the batch index) must be an integer in [0, ", d.N, "), got ", b);
+    if (d.sampling_ratio > 0) continue;
+    const acc offset = d.aligned ? acc(0.5) : acc(0);
+    acc h = (roi[4] * scale - offset) - (roi[2] * scale - offset);
+    acc w = (roi[3] * scale - offset) - (roi[1] * scale - offset);
+    if (!d.aligned) {
+      h = ltk::roi_align::at_least_one(h);
+      w = ltk::roi_align::at_least_one(w);
+    }
+    TORCH_CHECK_VALUE(!ltk::roi_align::adaptive_grid_too_large(h, w, d.PH, d.PW), "roi_align: the RoI at row ", k,
+                      " needs an adaptive sampling grid of more than ", ltk::roi_align::kMaxAdaptiveSamples,
+                      " samples per bin; clip the boxes to the image or pass sampling_ratio > 0");
   }
 }
 
@@ -117,11 +131,11 @@ void check_args(const at::Tensor& t, const char* name, const at::Tensor& rois, i
   TORCH_CHECK(PH > 0 && PW > 0, "pooled_height and pooled_width must be positive, got ", PH, " and ", PW);
 }
 
-// The RoIs in the accumulation type, with their batch indices checked.
+// The RoIs in the accumulation type, checked.
 template <typename acc>
-at::Tensor checked_rois(const at::Tensor& rois, const Dims& d) {
+at::Tensor checked_rois(const at::Tensor& rois, acc scale, const Dims& d) {
   at::Tensor r = rois.to(c10::CppTypeToScalarType<acc>::value).contiguous();
-  check_batch_indices(r.const_data_ptr<acc>(), d.K, d.N);
+  check_rois(r.const_data_ptr<acc>(), scale, d);
   return r;
 }
 
@@ -197,9 +211,9 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   LTK_DISPATCH_FLOATING(input.scalar_type(), "roi_align_forward_cpu", [&] {
     using acc = ltk::acc_t<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc>::value;
-    const at::Tensor rois_a = checked_rois<acc>(rois, d);
-    const acc* r = rois_a.const_data_ptr<acc>();
     const acc scale = static_cast<acc>(spatial_scale);
+    const at::Tensor rois_a = checked_rois<acc>(rois, scale, d);
+    const acc* r = rois_a.const_data_ptr<acc>();
     const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
     if (channels_last || prefer_channels_last(d.K, d.PH, d.PW, d.sampling_ratio, d.N, d.H, d.W)) {
       at::Tensor in = input;
@@ -293,9 +307,9 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   LTK_DISPATCH_FLOATING(grad.scalar_type(), "roi_align_backward_cpu", [&] {
     using acc = ltk::acc_t<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc>::value;
-    const at::Tensor rois_a = checked_rois<acc>(rois, d);
-    const acc* r = rois_a.const_data_ptr<acc>();
     const acc scale = static_cast<acc>(spatial_scale);
+    const at::Tensor rois_a = checked_rois<acc>(rois, scale, d);
+    const acc* r = rois_a.const_data_ptr<acc>();
     if (prefer_channels_last(d.K, d.PH, d.PW, d.sampling_ratio, d.N, d.H, d.W)) {
       const at::Tensor g = grad.contiguous();
       at::Tensor gi = at::zeros({d.N, d.H, d.W, d.C}, grad.options().dtype(acc_type));

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .._ext import has_op
-from .._validate import FLOATING, check_labels, check_tensor
+from .._validate import (FLOATING, ArgumentTypeError, ArgumentValueError, background_last, check_labels,
+                         check_tensor, refuse_double_backward, to_background_first)
 
 __all__ = ["equalized_focal_loss", "EqualizedFocalLoss"]
 
@@ -84,6 +85,7 @@ if has_op(_OP):
         ctx.buffers = (pos_grad, neg_grad, pos_neg) if pos_grad is not None else None
 
     def _backward(ctx, grad):
+        refuse_double_backward("equalized_focal_loss")
         logits, labels, pos_neg, normalizer = ctx.saved_tensors
         grad_logits, pos_step, neg_step = torch.ops.ltkernels.equalized_focal_loss_backward(
             grad, logits, labels, pos_neg, normalizer, *ctx.params)
@@ -97,7 +99,8 @@ if has_op(_OP):
 def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: torch.Tensor | None = None,
                          normalizer: float | torch.Tensor | None = None, gamma_b: float = 2.0, scale: float = 8.0,
                          alpha: float = 0.25, ignore_index: int = -1, pos_grad: torch.Tensor | None = None,
-                         neg_grad: torch.Tensor | None = None, validate: bool | None = None) -> torch.Tensor:
+                         neg_grad: torch.Tensor | None = None, validate: bool | None = None,
+                         label_layout: str = "background_first") -> torch.Tensor:
     """Equalized Focal Loss of `logits [N, C]` against `labels [N]` (0 = background, 1..C, `ignore_index` = ignored).
 
     loss = sum over non-ignored rows and classes of alpha_t * w_j * (1 - p_t)^gamma_j * (-log p_t) / normalizer,
@@ -111,43 +114,48 @@ def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: to
     and refreshes pos_neg = clamp(pos_grad / (neg_grad + 1e-10), 0, 1), in place. `EqualizedFocalLoss` does this.
     validate: check that labels are in range first (a host sync on CUDA). Default: on CPU in eager mode; the CPU
     kernel raises on out-of-range labels anyway, and the CUDA kernel fails with a device-side assertion.
-    Returns a 0-d float32 tensor (float64 for float64 logits).
+    label_layout: "background_first" (the labels above) or "background_last" (mmdet / detectron2: classes 0..C-1,
+    background C; column j of logits is class j in both).
+    Returns a 0-d float32 tensor (float64 for float64 logits). Double backward (create_graph=True) raises.
     """
     check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
     check_tensor("labels", labels, ndim=1, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got {labels.shape[0]}")
+        raise ArgumentValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got {labels.shape[0]}")
     n, c = logits.shape
+    convert = background_last(label_layout)
     if gamma_b < 0 or (scale != 0 and gamma_b <= 0):
-        raise ValueError(f"gamma_b must be > 0 (or >= 0 with scale=0), got {gamma_b}")
+        raise ArgumentValueError(f"gamma_b must be > 0 (or >= 0 with scale=0), got {gamma_b}")
     if scale < 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
+        raise ArgumentValueError(f"scale must be >= 0, got {scale}")
     if validate is None:
         # the CPU kernel raises on out-of-range labels too, so a compiled graph (no data-dependent check) stays safe
         validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
     if validate:
         check_labels("labels", labels, c, ignore_index)
     elif labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 or int32, got {str(labels.dtype).replace('torch.', '')}")
+        raise ArgumentTypeError(f"labels must be int64 or int32, got {str(labels.dtype).replace('torch.', '')}")
+    if convert:
+        labels = to_background_first(labels, c, ignore_index)
     if pos_neg is None:
         if pos_grad is not None or neg_grad is not None:
-            raise ValueError("pos_grad and neg_grad need pos_neg (the three statistics buffers go together)")
+            raise ArgumentValueError("pos_grad and neg_grad need pos_neg (the three statistics buffers go together)")
         pos_neg = torch.ones(c, dtype=torch.float32, device=logits.device)
     check_tensor("pos_neg", pos_neg, ndim=1, dtypes=FLOATING, device=logits.device)
     if pos_neg.shape[0] != c:
-        raise ValueError(f"logits have {c} classes but pos_neg has {pos_neg.shape[0]} entries")
+        raise ArgumentValueError(f"logits have {c} classes but pos_neg has {pos_neg.shape[0]} entries")
     if (pos_grad is None) != (neg_grad is None):
-        raise ValueError("pass both pos_grad and neg_grad, or neither")
+        raise ArgumentValueError("pass both pos_grad and neg_grad, or neither")
     if pos_grad is not None:
         for name, t in (("pos_grad", pos_grad), ("neg_grad", neg_grad)):
             check_tensor(name, t, ndim=1, dtypes=FLOATING, device=logits.device)
             if t.shape[0] != c:
-                raise ValueError(f"logits have {c} classes but {name} has {t.shape[0]} entries")
+                raise ArgumentValueError(f"logits have {c} classes but {name} has {t.shape[0]} entries")
     if normalizer is None:
         normalizer = _default_normalizer(labels)
     elif isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+            raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
         normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
     else:
         normalizer = torch.tensor(float(normalizer), dtype=torch.float32, device=logits.device)
@@ -163,18 +171,21 @@ class EqualizedFocalLoss(nn.Module):
     plain focal loss) are updated each time the loss is back-propagated, from the gradient that reaches the logits
     (an upstream loss weight included); in a `torch.distributed` job the per-step sums are all-reduced first, so
     every rank holds the same buffers. They are in `state_dict`, so a resumed run continues its statistics.
-    Statistics are float32 (call `.double()` on the module for float64 buffers).
+    Statistics are float32 (call `.double()` on the module for float64 buffers). `label_layout="background_last"`
+    takes mmdet / detectron2 labels (classes 0..C-1, background C).
     """
 
     def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0, alpha: float = 0.25,
-                 ignore_index: int = -1):
+                 ignore_index: int = -1, label_layout: str = "background_first"):
         super().__init__()
         if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ArgumentValueError(f"num_classes must be >= 1, got {num_classes}")
         if gamma_b <= 0:
-            raise ValueError(f"gamma_b must be > 0, got {gamma_b}")
+            raise ArgumentValueError(f"gamma_b must be > 0, got {gamma_b}")
         if scale < 0:
-            raise ValueError(f"scale must be >= 0, got {scale}")
+            raise ArgumentValueError(f"scale must be >= 0, got {scale}")
+        background_last(label_layout)  # validates the name
+        self.label_layout = label_layout
         self.num_classes = int(num_classes)
         self.gamma_b, self.scale, self.alpha, self.ignore_index = float(gamma_b), float(scale), float(alpha), int(ignore_index)
         self.register_buffer("pos_grad", torch.zeros(self.num_classes))
@@ -183,11 +194,12 @@ class EqualizedFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, scale={self.scale}, alpha={self.alpha}, "
-                f"ignore_index={self.ignore_index}")
+                f"ignore_index={self.ignore_index}, label_layout={self.label_layout!r}")
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer=None) -> torch.Tensor:
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} classes but the loss was built for "
+            raise ArgumentValueError(f"logits have {logits.shape[1]} classes but the loss was built for "
                              f"num_classes={self.num_classes}")
         return equalized_focal_loss(logits, labels, self.pos_neg, normalizer, self.gamma_b, self.scale, self.alpha,
-                                    self.ignore_index, pos_grad=self.pos_grad, neg_grad=self.neg_grad)
+                                    self.ignore_index, pos_grad=self.pos_grad, neg_grad=self.neg_grad,
+                                    label_layout=self.label_layout)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .._ext import has_op
-from .._validate import FLOATING, check_labels, check_tensor
+from .._validate import (FLOATING, ArgumentTypeError, ArgumentValueError, background_last, check_labels,
+                         check_tensor, refuse_double_backward, to_background_first)
 
 __all__ = ["BalancedGroups", "GroupSoftmaxLoss", "group_softmax_loss", "group_softmax_scores",
            "group_softmax_selection"]
@@ -60,9 +61,9 @@ class BalancedGroups:
         groups are dropped and the rest renumbered in increasing order."""
         groups = [int(g) for g in class_groups]
         if len(groups) == 0:
-            raise ValueError("class_groups must hold at least one class")
+            raise ArgumentValueError("class_groups must hold at least one class")
         if min(groups) < 1:
-            raise ValueError(f"class_groups must be >= 1 (group 0 is background-vs-foreground), got {min(groups)}")
+            raise ArgumentValueError(f"class_groups must be >= 1 (group 0 is background-vs-foreground), got {min(groups)}")
         used = sorted(set(groups))
         renumber = {g: i + 1 for i, g in enumerate(used)}
         groups = [renumber[g] for g in groups]
@@ -107,13 +108,13 @@ class BalancedGroups:
             counts = counts.tolist()
         counts = list(counts)
         if not counts:
-            raise ValueError("counts must hold the instance count of at least one class")
+            raise ArgumentValueError("counts must hold the instance count of at least one class")
         bounds = tuple(bounds)
         if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
-            raise ValueError(f"bounds must be strictly increasing, got {bounds}")
+            raise ArgumentValueError(f"bounds must be strictly increasing, got {bounds}")
         for i, n in enumerate(counts):
             if not isinstance(n, (int, float)) or isinstance(n, bool) or n < 0 or n != n:
-                raise ValueError(f"counts must be non-negative numbers, counts[{i}] = {n!r}")
+                raise ArgumentValueError(f"counts must be non-negative numbers, counts[{i}] = {n!r}")
         return cls([1 + bisect.bisect_right(bounds, n) for n in counts], bounds=bounds)
 
     @classmethod
@@ -126,19 +127,19 @@ class BalancedGroups:
                 source = json.load(f)
         if isinstance(source, dict):
             if "categories" not in source:
-                raise ValueError("the LVIS dict has no 'categories' entry")
+                raise ArgumentValueError("the LVIS dict has no 'categories' entry")
             source = source["categories"]
         cats = list(source)
         if not cats:
-            raise ValueError("the category list is empty")
+            raise ArgumentValueError("the category list is empty")
         try:
             by_id = sorted(cats, key=lambda c: int(c["id"]))
             ids = [int(c["id"]) for c in by_id]
             counts = [c["instance_count"] for c in by_id]
         except KeyError as err:
-            raise ValueError(f"every category needs 'id' and 'instance_count'; one lacks {err}") from None
+            raise ArgumentValueError(f"every category needs 'id' and 'instance_count'; one lacks {err}") from None
         if ids != list(range(1, len(ids) + 1)):
-            raise ValueError(f"category ids must be exactly 1..{len(ids)} (category id == label)")
+            raise ArgumentValueError(f"category ids must be exactly 1..{len(ids)} (category id == label)")
         return cls.from_instance_counts(counts, bounds)
 
     # ---- queries --------------------------------------------------------------------------------------------
@@ -195,13 +196,13 @@ def _plain_cpu(t: torch.Tensor) -> bool:
 
 def _check_groups(groups) -> None:
     if not isinstance(groups, BalancedGroups):
-        raise TypeError(f"groups must be a ltkernels.BalancedGroups, got {type(groups).__name__}")
+        raise ArgumentTypeError(f"groups must be a ltkernels.BalancedGroups, got {type(groups).__name__}")
 
 
 def _check_logits(logits: torch.Tensor, groups: BalancedGroups) -> None:
     check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
     if logits.shape[1] != groups.num_logits:
-        raise ValueError(
+        raise ArgumentValueError(
             f"logits has {logits.shape[1]} columns but the group layout has {groups.num_logits} logits "
             f"(C + G + 2 = {groups.num_classes} + {groups.num_groups} + 2)")
 
@@ -209,19 +210,19 @@ def _check_logits(logits: torch.Tensor, groups: BalancedGroups) -> None:
 def _check_labels(labels: torch.Tensor, logits: torch.Tensor, groups: BalancedGroups, ignore_index: int) -> None:
     check_tensor("labels", labels, ndim=1, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels has {labels.shape[0]} rows but logits has {logits.shape[0]}")
+        raise ArgumentValueError(f"labels has {labels.shape[0]} rows but logits has {logits.shape[0]}")
     if 0 <= ignore_index <= groups.num_classes:
-        raise ValueError(f"ignore_index must not be a label (0..{groups.num_classes}), got {ignore_index}")
+        raise ArgumentValueError(f"ignore_index must not be a label (0..{groups.num_classes}), got {ignore_index}")
     # No host synchronisation on an accelerator (or while tracing): there the check fails at the next sync.
     check_labels("labels", labels, groups.num_classes, ignore_index, sync=_plain_cpu(labels))
 
 
 def _check_ratio(others_ratio) -> float:
     if isinstance(others_ratio, bool) or not isinstance(others_ratio, (int, float)):
-        raise TypeError(f"others_ratio must be a number, got {type(others_ratio).__name__}")
+        raise ArgumentTypeError(f"others_ratio must be a number, got {type(others_ratio).__name__}")
     ratio = float(others_ratio)
     if not ratio >= 0:
-        raise ValueError(f"others_ratio must be >= 0 (math.inf: take every other row), got {others_ratio}")
+        raise ArgumentValueError(f"others_ratio must be >= 0 (math.inf: take every other row), got {others_ratio}")
     return ratio
 
 
@@ -274,8 +275,9 @@ def _select(valid, counts, positive, ratio, generator):
 
 
 def group_softmax_selection(labels: torch.Tensor, groups: BalancedGroups, others_ratio: float = 8.0,
-                            generator: torch.Generator | None = None, ignore_index: int = -1) -> torch.Tensor:
-    """The [G + 1, N] bool mask of the rows that take part in each group's loss (SPEC.md section 1).
+                            generator: torch.Generator | None = None, ignore_index: int = -1,
+                            label_layout: str = "background_first") -> torch.Tensor:
+    """The [G + 1, N] bool mask of the rows that take part in each group's loss (docs/spec.md §1).
 
     Row 0: every non-ignored row. Row g >= 1: the rows labelled with a class of g, plus
     min(floor(n_pos * others_ratio), n_eligible) rows drawn uniformly without replacement from the other
@@ -285,6 +287,8 @@ def group_softmax_selection(labels: torch.Tensor, groups: BalancedGroups, others
     _check_groups(groups)
     check_tensor("labels", labels, ndim=1)
     ratio = _check_ratio(others_ratio)
+    if background_last(label_layout):
+        labels = to_background_first(labels, groups.num_classes, ignore_index)
     tables = groups.tables(labels.device)
     _, valid, counts, positive = _row_groups(labels, tables, ignore_index)
     return _select(valid, counts, positive, ratio, generator)[0]
@@ -295,22 +299,28 @@ def group_softmax_selection(labels: torch.Tensor, groups: BalancedGroups, others
 # --------------------------------------------------------------------------------------------------------------
 def group_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, groups: BalancedGroups,
                        others_ratio: float = 8.0, generator: torch.Generator | None = None,
-                       ignore_index: int = -1) -> torch.Tensor:
+                       ignore_index: int = -1, label_layout: str = "background_first") -> torch.Tensor:
     """The BAGS training loss (scalar, in the logits' dtype) of `logits` [N, C + G + 2] for `labels` [N].
 
     `others_ratio`: others drawn per positive row of a group (`math.inf`: all of them, no sampling).
     `generator`: a `torch.Generator` on the logits' device makes the draw reproducible (eager mode only).
-    Labels must be in 0..C or equal `ignore_index`. Gradients reach only the rows and columns that contributed.
+    Labels must be in 0..C or equal `ignore_index`: 0 = background, 1..C the classes, or with
+    `label_layout="background_last"` (mmdet / detectron2) classes 0..C-1 and background C (the logit layout and
+    `instance_counts` are the same in both: class order). Gradients reach only the rows and columns that
+    contributed. Double backward (create_graph=True) raises.
     """
     _check_groups(groups)
     _check_logits(logits, groups)
+    convert = background_last(label_layout)
     _check_labels(labels, logits, groups, ignore_index)
+    if convert:
+        labels = to_background_first(labels, groups.num_classes, ignore_index)
     ratio = _check_ratio(others_ratio)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise ArgumentTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != logits.device.type:
-            raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
+            raise ArgumentValueError(f"generator is on {generator.device} but logits are on {logits.device}")
     tables = groups.tables(logits.device)
     lab, valid, counts, positive = _row_groups(labels, tables, ignore_index)
     selected, scale = _select(valid, counts, positive, ratio, generator)
@@ -322,40 +332,49 @@ def group_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, groups: Balan
 
 class GroupSoftmaxLoss(nn.Module):
     """BAGS loss as a module. Give `instance_counts` (``counts[c - 1]`` for label c, split by `bounds`) or a ready
-    `groups` layout; ``.groups`` is the :class:`BalancedGroups` in use."""
+    `groups` layout; ``.groups`` is the :class:`BalancedGroups` in use. `label_layout` as in `group_softmax_loss`."""
 
     def __init__(self, instance_counts=None, groups: BalancedGroups | None = None,
-                 bounds: Sequence[float] = (10, 100, 1000), others_ratio: float = 8.0, ignore_index: int = -1):
+                 bounds: Sequence[float] = (10, 100, 1000), others_ratio: float = 8.0, ignore_index: int = -1,
+                 label_layout: str = "background_first"):
         super().__init__()
         if (instance_counts is None) == (groups is None):
-            raise ValueError("give exactly one of instance_counts and groups")
+            raise ArgumentValueError("give exactly one of instance_counts and groups")
         if groups is None:
             groups = BalancedGroups.from_instance_counts(instance_counts, bounds)
         _check_groups(groups)
         self.groups = groups
         self.others_ratio = _check_ratio(others_ratio)
         self.ignore_index = int(ignore_index)
+        background_last(label_layout)  # validates the name
+        self.label_layout = label_layout
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        return group_softmax_loss(logits, labels, self.groups, self.others_ratio, generator, self.ignore_index)
+        return group_softmax_loss(logits, labels, self.groups, self.others_ratio, generator, self.ignore_index,
+                                  self.label_layout)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups!r}, others_ratio={self.others_ratio}, ignore_index={self.ignore_index}"
+        return (f"groups={self.groups!r}, others_ratio={self.others_ratio}, ignore_index={self.ignore_index}, "
+                f"label_layout={self.label_layout!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Inference scores
 # --------------------------------------------------------------------------------------------------------------
-def group_softmax_scores(logits: torch.Tensor, groups: BalancedGroups) -> torch.Tensor:
-    """[N, C + 1] probabilities (column 0 = background) in the logits' dtype: softmax inside every group; column 0
-    is group 0's background probability, class c of group g scores softmax_g[c] * P(foreground). The `others`
-    columns are dropped and nothing is renormalised. Differentiable."""
+def group_softmax_scores(logits: torch.Tensor, groups: BalancedGroups,
+                         label_layout: str = "background_first") -> torch.Tensor:
+    """[N, C + 1] probabilities in the logits' dtype: softmax inside every group; the background probability is
+    group 0's, class c of group g scores softmax_g[c] * P(foreground). The `others` columns are dropped and nothing
+    is renormalised. Differentiable. Columns: background first, then the classes (label order); with
+    `label_layout="background_last"` the classes first and background last (mmdet / detectron2)."""
     _check_groups(groups)
     _check_logits(logits, groups)
+    last = background_last(label_layout)
     t = groups.tables(logits.device)
-    return torch.ops.ltkernels.group_softmax_scores(logits, t["group_offsets"], t["label_group"],
-                                                    t["score_column"])
+    scores = torch.ops.ltkernels.group_softmax_scores(logits, t["group_offsets"], t["label_group"],
+                                                      t["score_column"])
+    return torch.cat([scores[:, 1:], scores[:, :1]], dim=1) if last else scores
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -372,6 +391,7 @@ if has_op("group_softmax_loss"):
         ctx.set_materialize_grads(False)  # else autograd fills an [N, K] zero gradient for the unused output
 
     def _loss_backward(ctx, grad_loss, grad_grad):
+        refuse_double_backward("group_softmax_loss")
         (grad,) = ctx.saved_tensors
         if grad_loss is None:
             return None, None, None, None, None, None

@@ -1,5 +1,5 @@
 """NMS: torchvision-compatible `nms` / `batched_nms`, and the class-wise `multiclass_nms` of LVIS post-processing
-(SPEC.md section 4), with `batched_multiclass_nms` for a whole batch of images in one call.
+(docs/spec.md §4), with `batched_multiclass_nms` for a whole batch of images in one call.
 
 Exactness: the kept indices equal torchvision's (the IoU is computed with the arithmetic of torchvision's CPU kernel,
 `iou > iou_threshold` suppresses). Ties in score are broken by the lower index (torchvision leaves the order of
@@ -11,106 +11,182 @@ ValueError; the kernels check them in their own pass (no extra host sync).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from .._ext import has_op
-from .._validate import FLOATING, check_tensor
+from .._validate import (FLOATING, ArgumentTypeError, ArgumentValueError, background_last, check_tensor,
+                         dtype_name, floating_dtypes)
 
-__all__ = ["nms", "batched_nms", "multiclass_nms", "batched_multiclass_nms"]
+__all__ = ["nms", "batched_nms", "multiclass_nms", "batched_multiclass_nms", "MAX_IMAGES_PER_CALL"]
 
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# The kernels keep per-image bookkeeping: num_images is bounded so a wrong value fails clearly instead of
+# exhausting memory.
+MAX_IMAGES_PER_CALL = 1 << 24
+
+
+def _int_dtypes() -> List[torch.dtype]:
+    return [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
 
 
 def _compiling() -> bool:
+    if torch.jit.is_scripting():
+        return False
     return torch.compiler.is_compiling()
 
 
-def _check_iou_threshold(iou_threshold) -> float:
-    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)):
-        raise TypeError(f"iou_threshold must be a float, got {type(iou_threshold).__name__}")
-    iou_threshold = float(iou_threshold)
-    if math.isnan(iou_threshold) or iou_threshold < 0:
-        raise ValueError(f"iou_threshold must be >= 0, got {iou_threshold}")
-    return iou_threshold
+def _eager_number(name: str, value):
+    """Eager-mode conversion of a threshold given as a Python number or a one-element tensor (torchvision's ops
+    accept both) to a float; TorchScript's signature already types it."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool:
+            raise ArgumentTypeError(f"{name} must be a float or a one-element tensor, got a tensor of shape "
+                                    f"{list(value.shape)} and dtype {dtype_name(value.dtype)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
 
 
-def _check_boxes_scores(boxes, scores) -> None:
-    check_tensor("boxes", boxes, ndim=2, dtypes=FLOATING, last_dim=4)
-    check_tensor("scores", scores, ndim=1, dtypes=FLOATING, device=boxes.device)
+def _check_threshold(name: str, value: float) -> float:
+    if math.isnan(value) or value < 0:
+        raise ArgumentValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_iou_threshold(iou_threshold: float) -> float:
+    if not torch.jit.is_scripting():
+        iou_threshold = _eager_number("iou_threshold", iou_threshold)
+    return _check_threshold("iou_threshold", iou_threshold)
+
+
+def _check_boxes_scores(boxes: Tensor, scores: Tensor) -> None:
+    check_tensor("boxes", boxes, ndim=2, dtypes=floating_dtypes(), last_dim=4)
+    check_tensor("scores", scores, ndim=1, dtypes=floating_dtypes(), device=boxes.device)
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"boxes and scores must have the same number of boxes, got boxes of shape "
-                         f"{tuple(boxes.shape)} and scores of shape {tuple(scores.shape)}")
+        raise ArgumentValueError(f"boxes and scores must have the same number of boxes, got boxes of shape "
+                                 f"{list(boxes.shape)} and scores of shape {list(scores.shape)}")
     if scores.dtype != boxes.dtype:
-        raise TypeError(f"scores must have the dtype of boxes ({boxes.dtype}), got {scores.dtype}")
+        raise ArgumentTypeError(f"scores must have the dtype of boxes ({dtype_name(boxes.dtype)}), got "
+                                f"{dtype_name(scores.dtype)}")
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+@torch.fx.wrap
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression, a drop-in for `torchvision.ops.nms`.
 
     boxes [N, 4] (x1, y1, x2, y2), scores [N] of the same floating dtype; a box is removed when its IoU with a
-    higher-scored kept box is > iou_threshold. Returns the int64 indices of the kept boxes in decreasing score order.
+    higher-scored kept box is > iou_threshold (a float, or in eager mode a one-element tensor). Returns the int64
+    indices of the kept boxes in decreasing score order.
     """
     _check_boxes_scores(boxes, scores)
-    iou_threshold = _check_iou_threshold(iou_threshold)
-    return torch.ops.ltkernels.nms(boxes, scores, iou_threshold)
+    threshold = _check_iou_threshold(iou_threshold)
+    return torch.ops.ltkernels.nms(boxes, scores, threshold)
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def _category_ids(idxs: Tensor) -> Tensor:
+    """Integer category ids for the kernel. Integer idxs pass as they are; bool become 0/1; floating idxs (which
+    torchvision also accepts) are renumbered by value, so two categories never merge however close they are."""
+    if idxs.dtype in _int_dtypes():
+        return idxs
+    if idxs.dtype == torch.bool:
+        return idxs.long()
+    if idxs.dtype in floating_dtypes():
+        if not _compiling() and bool(torch.isnan(idxs).any()):
+            raise ArgumentValueError("idxs contains NaN: every box needs a category")
+        return torch.unique(idxs, return_inverse=True)[1]
+    raise ArgumentTypeError(f"idxs must be an integer, bool or floating tensor, got {dtype_name(idxs.dtype)}")
+
+
+@torch.fx.wrap
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each category of `idxs` (boxes of different categories never suppress each other), a drop-in for
     `torchvision.ops.batched_nms`: the kept indices (int64) in decreasing score order. Exact at any number of
-    categories (no coordinate offsets, no per-category loop)."""
+    categories (no coordinate offsets, no per-category loop). `idxs` may be integer, bool or floating (categories
+    are compared by value); empty `boxes` return an empty result before the other arguments are looked at, as in
+    torchvision."""
+    if not torch.jit.is_scripting():
+        check_tensor("boxes", boxes)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     _check_boxes_scores(boxes, scores)
-    check_tensor("idxs", idxs, ndim=1, dtypes=_INT_DTYPES, device=boxes.device)
+    check_tensor("idxs", idxs, ndim=1, device=boxes.device)
     if idxs.shape[0] != boxes.shape[0]:
-        raise ValueError(f"idxs must have one entry per box ({boxes.shape[0]}), got shape {tuple(idxs.shape)}")
-    iou_threshold = _check_iou_threshold(iou_threshold)
-    return torch.ops.ltkernels.batched_nms(boxes, scores, idxs, iou_threshold)
+        raise ArgumentValueError(f"idxs must have one entry per box ({boxes.shape[0]}), got shape "
+                                 f"{list(idxs.shape)}")
+    threshold = _check_iou_threshold(iou_threshold)
+    return torch.ops.ltkernels.batched_nms(boxes, scores, _category_ids(idxs), threshold)
 
 
-def _check_multiclass(boxes, scores, score_threshold, iou_threshold, max_per_image, what="scores"):
-    check_tensor(what, scores, ndim=2, dtypes=FLOATING)
-    check_tensor("boxes", boxes, dtypes=(scores.dtype,), device=scores.device)
-    n, c = scores.shape
-    if not ((boxes.dim() == 2 and tuple(boxes.shape) == (n, 4)) or
-            (boxes.dim() == 3 and tuple(boxes.shape) == (n, c, 4))):
-        raise ValueError(f"boxes must have shape [N, 4] (shared) or [N, C, 4] (class-specific) for scores of shape "
-                         f"[N, C] = {tuple(scores.shape)}, got {tuple(boxes.shape)}")
-    if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)):
-        raise TypeError(f"score_threshold must be a float, got {type(score_threshold).__name__}")
-    score_threshold = float(score_threshold)
-    if math.isnan(score_threshold) or score_threshold < 0:
-        raise ValueError(f"score_threshold must be >= 0, got {score_threshold}")
-    iou_threshold = _check_iou_threshold(iou_threshold)
-    if max_per_image is None:
-        max_per_image = -1
-    elif isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
-        raise ValueError(f"max_per_image must be a positive int or None (no limit), got {max_per_image!r}")
-    return score_threshold, iou_threshold, max_per_image
+def _check_multiclass(boxes: Tensor, scores: Tensor, score_threshold: float, iou_threshold: float,
+                      max_per_image: Optional[int], what: str = "scores") -> Tuple[float, float, int]:
+    check_tensor(what, scores, ndim=2, dtypes=floating_dtypes())
+    check_tensor("boxes", boxes, dtypes=[scores.dtype], device=scores.device)
+    n, c = scores.shape[0], scores.shape[1]
+    if not ((boxes.dim() == 2 and boxes.shape[0] == n and boxes.shape[1] == 4) or
+            (boxes.dim() == 3 and boxes.shape[0] == n and boxes.shape[1] == c and boxes.shape[2] == 4)):
+        raise ArgumentValueError(f"boxes must have shape [N, 4] (shared) or [N, C, 4] (class-specific) for scores "
+                                 f"of shape [N, C] = {list(scores.shape)}, got {list(boxes.shape)}")
+    if not torch.jit.is_scripting():
+        score_threshold = _eager_number("score_threshold", score_threshold)
+    score_threshold = _check_threshold("score_threshold", score_threshold)
+    threshold = _check_iou_threshold(iou_threshold)
+    limit = -1
+    if max_per_image is not None:
+        if not torch.jit.is_scripting():
+            if isinstance(max_per_image, bool) or not isinstance(max_per_image, int):
+                raise ArgumentValueError(f"max_per_image must be a positive int or None (no limit), got "
+                                         f"{type(max_per_image).__name__} {max_per_image}")
+        if max_per_image < 1:
+            raise ArgumentValueError(f"max_per_image must be a positive int or None (no limit), got "
+                                     f"{max_per_image}")
+        limit = max_per_image
+    return score_threshold, threshold, limit
 
 
-def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float = 1e-4,
-                   iou_threshold: float = 0.5, max_per_image: int | None = 300):
-    """Class-wise NMS of one image, the LVIS post-processing step (SPEC.md section 4).
+@torch.fx.wrap
+def multiclass_nms(boxes: Tensor, scores: Tensor, score_threshold: float = 1e-4, iou_threshold: float = 0.5,
+                   max_per_image: Optional[int] = 300,
+                   label_layout: str = "background_first") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Class-wise NMS of one image, the LVIS post-processing step (docs/spec.md §4).
 
     scores [N, C] (background column removed), boxes [N, 4] shared by all classes or [N, C, 4] class-specific.
     Every (row, class) with score > score_threshold is a candidate, NMS (IoU > iou_threshold suppresses) runs within
     each class, and the max_per_image best survivors are returned (None: all) as
-    `(boxes [K, 4], scores [K], labels [K] int64 in 1..C, row_index [K] int64)` in decreasing score order — exactly
+    `(boxes [K, 4], scores [K], labels [K] int64, row_index [K] int64)` in decreasing score order — exactly
     candidates -> `torchvision.ops.batched_nms` -> first K (ties in score: candidate order, row then class).
+    labels are 1..C (column j of scores is label j + 1), or 0..C-1 with `label_layout="background_last"` (mmdet,
+    detectron2).
     """
-    score_threshold, iou_threshold, max_per_image = _check_multiclass(
-        boxes, scores, score_threshold, iou_threshold, max_per_image)
+    first_label = 0 if background_last(label_layout) else 1
+    score_threshold, threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
+                                                          max_per_image)
     image_index = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
     b, s, labels, rows, _ = torch.ops.ltkernels.multiclass_nms(
-        boxes, scores, image_index, 1, score_threshold, iou_threshold, max_per_image)
+        boxes, scores, image_index, 1, score_threshold, threshold, limit)
+    if first_label == 0:
+        labels = labels - 1
     return b, s, labels, rows
+
+
+def _check_num_images(num_images, image_index: Tensor) -> int:
+    """num_images: None (one more than the largest index) or an int in [max index + 1, MAX_IMAGES_PER_CALL]."""
+    if num_images is None:
+        return int(image_index.max()) + 1 if image_index.numel() else 0
+    if isinstance(num_images, bool) or not isinstance(num_images, int):
+        raise ArgumentTypeError(f"num_images must be an int or None, got {type(num_images).__name__}")
+    if not 0 <= num_images <= MAX_IMAGES_PER_CALL:
+        raise ArgumentValueError(f"num_images must lie in [0, {MAX_IMAGES_PER_CALL}] (MAX_IMAGES_PER_CALL), got "
+                                 f"{num_images}")
+    return num_images
 
 
 def batched_multiclass_nms(boxes, scores, image_index: torch.Tensor | None = None, num_images: int | None = None,
                            score_threshold: float = 1e-4, iou_threshold: float = 0.5,
-                           max_per_image: int | None = 300, *, concat: bool = False):
+                           max_per_image: int | None = 300, *, concat: bool = False,
+                           label_layout: str = "background_first"):
     """`multiclass_nms` of every image of a batch in one call (one kernel pass, parallel over images).
 
     Either lists `boxes=[b_0, ...]`, `scores=[s_0, ...]` (one entry per image), or the rows of all images
@@ -119,20 +195,23 @@ def batched_multiclass_nms(boxes, scores, image_index: torch.Tensor | None = Non
     `(boxes, scores, labels, row_index)` equal to per-image `multiclass_nms` calls (row_index counts rows within
     the image). With `concat=True` returns instead the concatenated `(boxes, scores, labels, row_index, image)`
     where row_index is the row of the concatenated input (no host sync beyond the op's own).
+    `num_images` is at most MAX_IMAGES_PER_CALL; `label_layout` as in `multiclass_nms`.
+    Eager mode only (its return type depends on `concat`): a scripted model calls `multiclass_nms` per image.
     """
+    first_label = 0 if background_last(label_layout) else 1
     if isinstance(scores, (list, tuple)):
         if not isinstance(boxes, (list, tuple)) or len(boxes) != len(scores):
-            raise ValueError("boxes and scores must both be lists with one entry per image")
+            raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
         if image_index is not None:
-            raise ValueError("image_index must be None when boxes and scores are per-image lists")
+            raise ArgumentValueError("image_index must be None when boxes and scores are per-image lists")
         if len(scores) == 0:
-            raise ValueError("scores is an empty list: give at least one image")
+            raise ArgumentValueError("scores is an empty list: give at least one image")
         num_images = len(scores)
         for i, (b, s) in enumerate(zip(boxes, scores)):
             check_tensor(f"scores[{i}]", s, ndim=2, dtypes=FLOATING, device=scores[0].device)
             check_tensor(f"boxes[{i}]", b, dtypes=(s.dtype,), device=scores[0].device)
             if b.dim() != boxes[0].dim() or s.shape[1] != scores[0].shape[1]:
-                raise ValueError("every image must have the same number of classes and the same box layout")
+                raise ArgumentValueError("every image must have the same number of classes and the same box layout")
         sizes = [s.shape[0] for s in scores]
         image_index = torch.repeat_interleave(
             torch.arange(num_images, device=scores[0].device), torch.tensor(sizes, device=scores[0].device))
@@ -142,19 +221,20 @@ def batched_multiclass_nms(boxes, scores, image_index: torch.Tensor | None = Non
     else:
         check_tensor("image_index", image_index, ndim=1, dtypes=(torch.int64, torch.int32), device=scores.device)
         if image_index.shape[0] != scores.shape[0]:
-            raise ValueError(f"image_index must have one entry per row of scores ({scores.shape[0]}), "
-                             f"got shape {tuple(image_index.shape)}")
+            raise ArgumentValueError(f"image_index must have one entry per row of scores ({scores.shape[0]}), "
+                                     f"got shape {list(image_index.shape)}")
         image_index = image_index.long()
-        if num_images is None:
-            num_images = int(image_index.max()) + 1 if image_index.numel() else 0
+        num_images = _check_num_images(num_images, image_index)
         if not _compiling() and image_index.numel() and (
                 bool((image_index < 0).any()) or int(image_index.max()) >= num_images):
-            raise ValueError(f"image_index must lie in [0, num_images={num_images})")
+            raise ArgumentValueError(f"image_index must lie in [0, num_images={num_images})")
         local_row = None
     score_threshold, iou_threshold, max_per_image = _check_multiclass(
         boxes, scores, score_threshold, iou_threshold, max_per_image)
     b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
         boxes, scores, image_index, num_images, score_threshold, iou_threshold, max_per_image)
+    if first_label == 0:
+        labels = labels - 1
     if concat:
         return b, s, labels, rows, images
     if local_row is None:  # row within the image: rank among the rows of that image

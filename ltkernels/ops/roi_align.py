@@ -7,74 +7,159 @@ on CUDA gathers instead of using atomics (bitwise-reproducible gradients) when
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from .._ext import has_op
-from .._validate import FLOATING, check_tensor
+from .._validate import (ArgumentTypeError, ArgumentValueError, BoxesShapeError, check_tensor, dtype_name,
+                         floating_dtypes)
 
-__all__ = ["roi_align", "RoIAlign", "MultiLevelRoIAlign"]
+__all__ = ["roi_align", "RoIAlign", "MAX_ADAPTIVE_SAMPLES"]
+
+# Adaptive sampling (sampling_ratio <= 0) takes ceil(roi_size / output_size) samples per bin along each axis: a huge
+# finite box would take hours. A RoI whose adaptive grid exceeds this many samples per bin (grid_h * grid_w) is an
+# error on every device (the kernels share the limit: kMaxAdaptiveSamples in csrc/roi_align_math.h).
+def _max_adaptive_samples() -> int:  # a function: TorchScript cannot read module-level constants
+    return 1 << 20
+
+
+MAX_ADAPTIVE_SAMPLES = _max_adaptive_samples()
 
 
 # ---- argument handling ------------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+def _eager_output_size(output_size) -> List[int]:
+    """Eager-mode type check of output_size (TorchScript's BroadcastingList2[int] does it when scripted)."""
+    def is_int(v) -> bool:
+        return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+    if is_int(output_size):
+        return [output_size, output_size]
+    if isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(is_int(v) for v in output_size):
+        return [output_size[0], output_size[1]]
+    raise ArgumentTypeError(f"output_size must be an int or a pair of ints (height, width), got {output_size!r}")
 
 
-def _output_size(output_size) -> tuple[int, int]:
-    if _is_int(output_size):
-        size = (output_size, output_size)
-    elif isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(_is_int(v) for v in output_size):
-        size = (output_size[0], output_size[1])
-    else:
-        raise TypeError(f"output_size must be an int or a pair of ints (height, width), got {output_size!r}")
-    if size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"output_size must be positive, got {tuple(size)}")
-    return size
+def _check_output_size(output_size: List[int]) -> Tuple[int, int]:
+    if len(output_size) != 2:
+        raise ArgumentTypeError(f"output_size must be an int or a pair of ints (height, width), got {output_size}")
+    if output_size[0] <= 0 or output_size[1] <= 0:
+        raise ArgumentValueError(f"output_size must be positive, got {output_size}")
+    return output_size[0], output_size[1]
 
 
-def _boxes_to_rois(boxes, input: Tensor) -> Tensor:
-    """Tensor[K, 5] as is, or a list of Tensor[L, 4] (one per image) -> Tensor[K, 5] with the image index first."""
+def _check_scalars(spatial_scale: float, sampling_ratio: int) -> float:
+    if not torch.jit.is_scripting():
+        if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, torch.SymInt)):
+            raise ArgumentTypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+        if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
+            raise ArgumentValueError(f"spatial_scale must be a positive finite number, got {type(spatial_scale).__name__} {spatial_scale}")
+    scale = float(spatial_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ArgumentValueError(f"spatial_scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def _check_box_tensor(name: str, b: Tensor, width: int, layout: str, input: Tensor) -> None:
+    """Box shapes fail with BoxesShapeError (an AssertionError, as torchvision's check), the rest as usual."""
+    if b.dim() != 2:
+        raise BoxesShapeError(f"{name} must be 2-D, got shape {list(b.shape)}")
+    if b.shape[1] != width:
+        raise BoxesShapeError(f"{name} must have shape {layout}, got shape {list(b.shape)}")
+    check_tensor(name, b, dtypes=floating_dtypes(), device=input.device)
+
+
+def _boxes_to_rois(boxes: Union[Tensor, List[Tensor]], input: Tensor) -> Tensor:
+    """Tensor[K, 5] as is, or a list of Tensor[L, 4] (one per image) -> Tensor[K, 5] with the image index first.
+
+    The list form is concatenated in at least float32: an image index written in float16 (bfloat16) is inexact
+    beyond 2048 (256); the kernels read RoIs in float32 (float64 for float64 input) anyway."""
     if isinstance(boxes, Tensor):
-        check_tensor("boxes", boxes, ndim=2, dtypes=FLOATING, device=input.device)
-        if boxes.shape[1] != 5:
-            raise ValueError(f"boxes given as one tensor must have shape [K, 5] (batch index, x1, y1, x2, y2), "
-                             f"got shape {tuple(boxes.shape)}")
+        _check_box_tensor("boxes", boxes, 5, "[K, 5] (batch index, x1, y1, x2, y2)", input)
         return boxes
-    if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
-    if len(boxes) > input.shape[0] and not torch.compiler.is_compiling():
-        raise ValueError(f"boxes is a list of {len(boxes)} tensors but input holds only {input.shape[0]} images")
+    if not torch.jit.is_scripting():
+        if not isinstance(boxes, (list, tuple)):
+            raise ArgumentTypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got "
+                                    f"{type(boxes).__name__}")
+        if len(boxes) > input.shape[0] and not torch.compiler.is_compiling():
+            raise ArgumentValueError(f"boxes is a list of {len(boxes)} tensors but input holds only "
+                                     f"{input.shape[0]} images")
+    elif len(boxes) > input.shape[0]:
+        raise ArgumentValueError(f"boxes is a list of {len(boxes)} tensors but input holds only "
+                                 f"{input.shape[0]} images")
+    dtype = torch.float32
     for i, b in enumerate(boxes):
-        check_tensor(f"boxes[{i}]", b, ndim=2, dtypes=FLOATING, device=input.device)
-        if b.shape[1] != 4:
-            raise ValueError(f"boxes[{i}] must have shape [L, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
-    if not boxes:
-        return input.new_zeros((0, 5))
-    dtype = boxes[0].dtype
-    for b in boxes[1:]:
+        _check_box_tensor(f"boxes[{i}]", b, 4, "[L, 4] (x1, y1, x2, y2)", input)
         dtype = torch.promote_types(dtype, b.dtype)
-    parts = [torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], dim=1) for i, b in enumerate(boxes)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if len(boxes) == 0:
+        return torch.zeros((0, 5), dtype=dtype, device=input.device)
+    parts: List[Tensor] = []
+    for i, b in enumerate(boxes):
+        parts.append(torch.cat([torch.full((b.shape[0], 1), i, dtype=dtype, device=b.device), b.to(dtype)], 1))
+    return torch.cat(parts)
 
 
-def _check_rois_values(rois: Tensor, batch_size: int) -> None:
-    """One fused check (one device sync on CUDA): finite coordinates and integer batch indices in [0, N)."""
+def _checks_queued() -> bool:
+    """While compiling or tracing, value checks are queued on the device (torch._assert_async) instead of raising
+    now: the rule is the same, only the moment and the message's detail differ."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _check_rois_values(rois: Tensor, batch_size: int, spatial_scale: float, pooled_height: int, pooled_width: int,
+                       sampling_ratio: int, aligned: bool, ordered: bool = False) -> None:
+    """One fused check of every RoI (one device sync on CUDA): finite coordinates, an integer batch index in
+    [0, batch_size), an adaptive grid within MAX_ADAPTIVE_SAMPLES, and with `ordered` x1 <= x2 and y1 <= y2."""
     if rois.numel() == 0:
         return
-    idx = rois[:, 0]
-    bad = ~torch.isfinite(rois).all(dim=1) | (idx < 0) | (idx >= batch_size) | (idx != idx.trunc())
+    acc = torch.float64 if rois.dtype == torch.float64 else torch.float32
+    r = rois.to(acc)
+    idx = r[:, 0]
+    finite = torch.isfinite(r).all(dim=1)
+    bad_index = (idx < 0) | (idx >= batch_size) | (idx != idx.trunc())
+    bad_order = ((r[:, 3] < r[:, 1]) | (r[:, 4] < r[:, 2])) if ordered else torch.zeros_like(finite)
+    if sampling_ratio <= 0:  # the kernels' arithmetic: csrc/roi_align_math.h
+        offset = 0.5 if aligned else 0.0
+        h = (r[:, 4] * spatial_scale - offset) - (r[:, 2] * spatial_scale - offset)
+        w = (r[:, 3] * spatial_scale - offset) - (r[:, 1] * spatial_scale - offset)
+        if not aligned:
+            h, w = h.clamp(min=1.0), w.clamp(min=1.0)
+        gh = torch.ceil(h / pooled_height).clamp(min=0).double()
+        gw = torch.ceil(w / pooled_width).clamp(min=0).double()
+        limit = _max_adaptive_samples()
+        bad_grid = gh * gw > limit
+    else:
+        gh = torch.ones_like(idx, dtype=torch.float64)
+        gw = gh
+        bad_grid = torch.zeros_like(finite)
+    bad = ~finite | bad_index | bad_order | bad_grid
+    if _checks_queued():
+        torch._assert_async(~bad.any(), f"roi_align: boxes must be finite, with an integer batch index in [0, "
+                                        f"{batch_size}), and an adaptive sampling grid of at most "
+                                        f"{_max_adaptive_samples()} samples per bin")
+        return
     if bool(bad.any()):
-        if not bool(torch.isfinite(rois).all()):
-            raise ValueError("boxes contains NaN or infinite values")
+        if not bool(finite.all()):
+            raise ArgumentValueError("boxes contains NaN or infinite values")
         k = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"boxes batch index (column 0) must be an integer in [0, {batch_size - 1}] for an input of "
-                         f"{batch_size} images, got {float(idx[k])} at row {k}")
+        if bool(bad_index[k]):
+            raise ArgumentValueError(f"boxes batch index (column 0) must be an integer in [0, {batch_size - 1}] "
+                                     f"for an input of {batch_size} images, got {float(idx[k])} at row {k}")
+        if bool(bad_order[k]):
+            raise ArgumentValueError(f"boxes must have x1 <= x2 and y1 <= y2 (an inverted box has no pyramid "
+                                     f"level), got ({float(r[k, 1])}, {float(r[k, 2])}, {float(r[k, 3])}, "
+                                     f"{float(r[k, 4])}) at row {k}")
+        raise ArgumentValueError(
+            f"the box at row {k} needs an adaptive sampling grid of {int(gh[k])} x {int(gw[k])} samples per bin, "
+            f"more than the limit of {_max_adaptive_samples()} (MAX_ADAPTIVE_SAMPLES); clip the boxes to the image "
+            f"or pass sampling_ratio > 0")
 
 
-def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int | tuple[int, int],
+@torch.fx.wrap
+def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """RoIAlign with average pooling (Mask R-CNN); same arguments and results as `torchvision.ops.roi_align`.
 
@@ -84,128 +169,43 @@ def roi_align(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int 
             one per image, in input-image coordinates; on the device of `input`.
         output_size: int or (height, width) of the pooled output.
         spatial_scale: maps box coordinates to feature-map coordinates (1 / stride).
-        sampling_ratio: samples per bin along each axis; <= 0 means adaptive, ceil(roi_size / output_size).
+        sampling_ratio: samples per bin along each axis; <= 0 means adaptive, ceil(roi_size / output_size), at most
+            MAX_ADAPTIVE_SAMPLES per bin.
         aligned: shift boxes by -0.5 pixel (Detectron2); if False, RoIs are at least 1x1 (legacy behaviour).
 
     Returns:
         Tensor[K, C, output_size[0], output_size[1]] in the dtype of `input`, RoIs in the order given.
+
+    Scriptable (torch.jit.script) and a leaf of torch.fx tracing, like torchvision's.
     """
-    compiling = torch.compiler.is_compiling()
-    check_tensor("input", input, ndim=4, dtypes=FLOATING)
-    ph, pw = _output_size(output_size)
-    if not _is_int(sampling_ratio):
-        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
-    if not isinstance(spatial_scale, (int, float)) or isinstance(spatial_scale, bool) \
-            or not math.isfinite(spatial_scale) or spatial_scale <= 0:
-        raise ValueError(f"spatial_scale must be a positive finite number, got {spatial_scale!r}")
+    check_tensor("input", input, ndim=4, dtypes=floating_dtypes())
+    if not torch.jit.is_scripting():
+        output_size = _eager_output_size(output_size)
+    ph, pw = _check_output_size(output_size)
+    scale = _check_scalars(spatial_scale, sampling_ratio)
     rois = _boxes_to_rois(boxes, input)
-    if not compiling:
-        _check_rois_values(rois, input.shape[0])
-    return torch.ops.ltkernels.roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio),
-                                         bool(aligned))
+    _check_rois_values(rois, input.shape[0], scale, ph, pw, sampling_ratio, aligned)
+    return torch.ops.ltkernels.roi_align(input, rois, scale, ph, pw, int(sampling_ratio), bool(aligned))
 
 
 class RoIAlign(nn.Module):
-    """Module form of `roi_align` (same constructor as torchvision.ops.RoIAlign)."""
+    """Module form of `roi_align` (same constructor as torchvision.ops.RoIAlign); scriptable."""
 
-    def __init__(self, output_size: int | tuple[int, int], spatial_scale: float, sampling_ratio: int,
+    def __init__(self, output_size: BroadcastingList2[int], spatial_scale: float, sampling_ratio: int,
                  aligned: bool = False):
         super().__init__()
-        _output_size(output_size)
+        self._pooled = list(_check_output_size(_eager_output_size(output_size)))
         self.output_size = output_size
-        self.spatial_scale = spatial_scale
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
 
-    def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+    def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
+        return roi_align(input, rois, self._pooled, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
                 f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
-
-
-class MultiLevelRoIAlign(nn.Module):
-    """FPN RoI pooler: each RoI is pooled from one pyramid level chosen by its size (FPN paper, eq. 1),
-        level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to the levels given,
-    with one `roi_align` call per level; the result is in RoI order.
-
-    Args:
-        output_size: int or (height, width).
-        sampling_ratio, aligned: as in `roi_align`.
-        canonical_scale, canonical_level: a box of side canonical_scale goes to level canonical_level.
-        strides: the stride of each feature map passed to forward, fine to coarse (powers of two), e.g.
-            (4, 8, 16, 32) for P2-P5. None: inferred in forward from `image_size`, like torchvision's
-            MultiScaleRoIAlign (stride = 2 ** round(log2(image_size / feature_size))).
-    """
-
-    def __init__(self, output_size: int | tuple[int, int], sampling_ratio: int = 2, canonical_scale: int = 224,
-                 canonical_level: int = 4, aligned: bool = True, strides: Sequence[int] | None = (4, 8, 16, 32),
-                 eps: float = 1e-6):
-        super().__init__()
-        self.output_size = _output_size(output_size)
-        self.sampling_ratio = sampling_ratio
-        self.canonical_scale = canonical_scale
-        self.canonical_level = canonical_level
-        self.aligned = aligned
-        self.eps = eps
-        if strides is not None:
-            strides = tuple(int(s) for s in strides)
-            if not strides or any(s <= 0 or s & (s - 1) for s in strides) or list(strides) != sorted(set(strides)):
-                raise ValueError(f"strides must be increasing powers of two, got {strides}")
-        self.strides = strides
-
-    def _strides(self, features: Sequence[Tensor], image_size) -> tuple[int, ...]:
-        if self.strides is not None:
-            if len(self.strides) != len(features):
-                raise ValueError(f"features has {len(features)} levels but strides has {len(self.strides)}")
-            return self.strides
-        if image_size is None:
-            raise ValueError("image_size (height, width) is needed to infer the strides (strides=None)")
-        if isinstance(image_size, (list, tuple)) and image_size and isinstance(image_size[0], (list, tuple)):
-            image_size = (max(s[0] for s in image_size), max(s[1] for s in image_size))
-        strides = []
-        for f in features:
-            approx = float(image_size[0]) / float(f.shape[-2])
-            strides.append(int(2 ** round(math.log2(approx))))
-        return tuple(strides)
-
-    def levels(self, rois: Tensor, strides: Sequence[int]) -> Tensor:
-        """Index (0 = finest given) of the level each RoI [K, 5] is pooled from."""
-        k_min, k_max = math.log2(strides[0]), math.log2(strides[-1])
-        boxes = rois[:, 1:]
-        size = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-        lvl = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale)
-                          + torch.tensor(self.eps, dtype=size.dtype, device=size.device))
-        return (torch.clamp(lvl, min=k_min, max=k_max) - k_min).to(torch.int64)
-
-    def forward(self, features: Sequence[Tensor], boxes: Tensor | Sequence[Tensor], image_size=None) -> Tensor:
-        """features: list of Tensor[N, C, H_l, W_l], fine to coarse. boxes: Tensor[K, 5] or a list of Tensor[L, 4].
-        image_size: (height, width) (or a list of them), only needed when strides=None."""
-        if not isinstance(features, (list, tuple)) or not features:
-            raise TypeError("features must be a non-empty list of Tensor[N, C, H, W], fine to coarse")
-        for i, f in enumerate(features):
-            check_tensor(f"features[{i}]", f, ndim=4, dtypes=FLOATING, device=features[0].device)
-        strides = self._strides(features, image_size)
-        rois = _boxes_to_rois(boxes, features[0])
-        if not torch.compiler.is_compiling():
-            _check_rois_values(rois, features[0].shape[0])  # before the level assignment, which NaN would derail
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, 1.0 / strides[0], self.sampling_ratio,
-                             self.aligned)
-        levels = self.levels(rois, strides)
-        first = features[0]
-        out = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
-        for lvl, (feat, stride) in enumerate(zip(features, strides)):
-            idx = torch.nonzero(levels == lvl).flatten()
-            pooled = roi_align(feat, rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
-            out = out.index_put((idx,), pooled.to(out.dtype))
-        return out
-
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "
-                f"canonical_scale={self.canonical_scale}, canonical_level={self.canonical_level}, "
-                f"aligned={self.aligned}, strides={self.strides})")
 
 
 # ---- fake tensors and autograd -------------------------------------------------------------------------------
