@@ -81,6 +81,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     higher-scored kept box is > iou_threshold (a float, or in eager mode a one-element tensor). Returns the int64
     indices of the kept boxes in decreasing score order.
     """
+    if not torch.jit.is_scripting() and torch.overrides.has_torch_function_variadic(boxes, scores):
+        return torch.overrides.handle_torch_function(nms, (boxes, scores), boxes, scores, iou_threshold)
     _check_boxes_scores(boxes, scores)
     threshold = _check_iou_threshold(iou_threshold)
     return torch.ops.ltkernels.nms(boxes, scores, threshold)
@@ -108,6 +110,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     are compared by value); empty `boxes` return an empty result before the other arguments are looked at, as in
     torchvision."""
     if not torch.jit.is_scripting():
+        # a call with torch.fx proxies (or other __torch_function__ tensors) is recorded as one call of this function
+        if torch.overrides.has_torch_function_variadic(boxes, scores, idxs):
+            return torch.overrides.handle_torch_function(batched_nms, (boxes, scores, idxs), boxes, scores, idxs,
+                                                         iou_threshold)
         check_tensor("boxes", boxes)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
@@ -160,6 +166,9 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_threshold: float = 1e-4,
     labels are 1..C (column j of scores is label j + 1), or 0..C-1 with `label_layout="background_last"` (mmdet,
     detectron2).
     """
+    if not torch.jit.is_scripting() and torch.overrides.has_torch_function_variadic(boxes, scores):
+        return torch.overrides.handle_torch_function(multiclass_nms, (boxes, scores), boxes, scores, score_threshold,
+                                                     iou_threshold, max_per_image, label_layout)
     first_label = 0 if background_last(label_layout) else 1
     score_threshold, threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
                                                           max_per_image)

@@ -99,13 +99,19 @@ def _infer_stride(image_height: int, feature_height: int) -> int:
 
 
 @torch.fx.wrap
-def _multilevel_roi_align(features: List[Tensor], boxes: Union[Tensor, List[Tensor]], image_height: Optional[int],
+def _multilevel_roi_align(features: List[Tensor], boxes: Union[Tensor, List[Tensor]], image_size: Optional[List[int]],
                           strides: Optional[List[int]], output_size: List[int], sampling_ratio: int, aligned: bool,
                           canonical_scale: float, canonical_level: float, eps: float) -> Tensor:
+    if not torch.jit.is_scripting():
+        if not isinstance(features, (list, tuple)):
+            raise ArgumentTypeError("features must be a non-empty list of Tensor[N, C, H, W], fine to coarse")
+        features = list(features)
+        if isinstance(image_size, (list, tuple)) and image_size and isinstance(image_size[0], (list, tuple)):
+            image_size = [max(s[0] for s in image_size), max(s[1] for s in image_size)]
     if strides is None:
-        if image_height is None:
+        if image_size is None:
             raise ArgumentValueError("image_size (height, width) is needed to infer the strides (strides=None)")
-        strides = [_infer_stride(image_height, f.shape[-2]) for f in features]
+        strides = [_infer_stride(image_size[0], f.shape[-2]) for f in features]
     elif len(strides) != len(features):
         raise ArgumentValueError(f"features has {len(features)} levels but strides has {len(strides)}")
     scales = [1.0 / s for s in strides]
@@ -156,16 +162,7 @@ class MultiLevelRoIAlign(nn.Module):
         """features: list of Tensor[N, C, H_l, W_l], fine to coarse. boxes: Tensor[K, 5] or a list of Tensor[L, 4].
         image_size: (height, width), or in eager mode also a list of them (the largest counts); only needed when
         strides=None."""
-        height: Optional[int] = None
-        if not torch.jit.is_scripting():
-            if not isinstance(features, (list, tuple)):
-                raise ArgumentTypeError("features must be a non-empty list of Tensor[N, C, H, W], fine to coarse")
-            features = list(features)
-            if isinstance(image_size, (list, tuple)) and image_size and isinstance(image_size[0], (list, tuple)):
-                image_size = [max(s[0] for s in image_size), max(s[1] for s in image_size)]
-        if image_size is not None:
-            height = image_size[0]
-        return _multilevel_roi_align(features, boxes, height, self.strides,
+        return _multilevel_roi_align(features, boxes, image_size, self.strides,
                                      [self.output_size[0], self.output_size[1]], self.sampling_ratio,
                                      self.aligned, float(self.canonical_scale), float(self.canonical_level),
                                      self.eps)

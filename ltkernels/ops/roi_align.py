@@ -178,6 +178,12 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: Br
 
     Scriptable (torch.jit.script) and a leaf of torch.fx tracing, like torchvision's.
     """
+    if not torch.jit.is_scripting():
+        # a call with torch.fx proxies (or other __torch_function__ tensors) is recorded as one call of this function
+        parts = (input, *boxes) if isinstance(boxes, (list, tuple)) else (input, boxes)
+        if torch.overrides.has_torch_function(parts):
+            return torch.overrides.handle_torch_function(roi_align, parts, input, boxes, output_size, spatial_scale,
+                                                         sampling_ratio, aligned)
     check_tensor("input", input, ndim=4, dtypes=floating_dtypes())
     if not torch.jit.is_scripting():
         output_size = _eager_output_size(output_size)
