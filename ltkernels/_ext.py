@@ -12,7 +12,18 @@ class LibraryMismatchError(ImportError):
     """The compiled ltkernels library cannot be used with the installed torch."""
 
 
-_REBUILD_HINT = "Rebuild it against this torch: `pip install --no-build-isolation --force-reinstall --no-deps ltkernels`."
+_REBUILD_HINT = ("Rebuild it against this torch from the ltkernels source tree: "
+                 "`pip install --no-build-isolation --force-reinstall --no-deps <path to the ltkernels source>` "
+                 "(the build tools first: `pip install scikit-build-core pybind11 cmake ninja`).")
+
+
+def _source_tree_hint() -> str:
+    """Said when the import found the source folder (run from the repository root without an editable install)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(os.path.dirname(here), "csrc")):
+        return (f" Python imported ltkernels from its source tree ({here}), which holds no compiled library: "
+                "run from another folder, or install it with `pip install --no-build-isolation -e .`.")
+    return ""
 
 
 def _load():
@@ -31,7 +42,7 @@ def _load():
             ) from err
         raise ImportError(
             f"ltkernels' compiled library could not be loaded ({err}). Install the package with "
-            "`pip install --no-build-isolation .` so the C++/CUDA kernels are built."
+            "`pip install --no-build-isolation .` so the C++/CUDA kernels are built." + _source_tree_hint()
         ) from err
 
 

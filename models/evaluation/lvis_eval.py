@@ -30,9 +30,8 @@ returned dict, `metrics.json` and `results.json` have the same layout):
 - `"faster-coco-eval"`: `faster_coco_eval.COCOeval_faster(iouType="bbox", lvis_style=True)`, the same federated
   rules in C++ (detections of a category neither in an image's GT nor in its `neg_category_ids` are dropped;
   unmatched detections of a category in `not_exhaustive_category_ids` are ignored; frequency groups from the
-  categories' `frequency`; area ranges [0, 32^2], [32^2, 96^2], [96^2, 1e10]; `maxDets = [max_dets]`), about
-  3x faster (2 CPU cores: 0.6-1.4 s against 2.3-5.6 s on the demo's 200-image val set; 14 s against 44 s on
-  1000 images x 1203 classes x 300 detections).  Where it differs from lvis-api (only the last can matter):
+  categories' `frequency`; area ranges [0, 32^2], [32^2, 96^2], [96^2, 1e10]; `maxDets = [max_dets]`), several
+  times faster (figures: bench/NOTES.md, "Evaluation backends").  Where it differs from lvis-api (only the last can matter):
   precision is tp / (tp + fp) where lvis-api divides by tp + fp + eps (differences of ~1e-16); `max_dets` is
   applied per (image, category) where lvis-api applies it per image (a no-op, as the results are already cut per
   image); a GT annotation's `ignore` flag is replaced by its `iscrowd` (crowd boxes are ignored and may match
