@@ -79,10 +79,16 @@ inline bool keep_unless_overlapping(KeptBoxes<C>& kept, const T* bx, C thr) {
 }
 
 // Non-finite boxes or NaN scores are rejected (ValueError in Python), in one parallel pass.
+// Opening a parallel region costs more than a small job: waking the other threads is microseconds on an idle machine
+// and a scheduler time slice (milliseconds) on a busy one. Scans of fewer values than this, and NMS jobs of fewer
+// boxes / candidates than kParallelWork, run on the calling thread.
+constexpr int64_t kCheckGrain = int64_t{1} << 22;  // ~1 ms of scanning per thread
+constexpr int64_t kParallelWork = int64_t{1} << 16;
+
 template <typename T>
 void check_values(const T* p, int64_t n, bool allow_inf, const char* what) {
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kCheckGrain, [&](int64_t begin, int64_t end) {
     bool b = false;
     for (int64_t i = begin; i < end; ++i) {
       const float v = static_cast<float>(p[i]);
@@ -95,7 +101,7 @@ void check_values(const T* p, int64_t n, bool allow_inf, const char* what) {
 template <>
 void check_values<double>(const double* p, int64_t n, bool allow_inf, const char* what) {
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kCheckGrain, [&](int64_t begin, int64_t end) {
     bool b = false;
     for (int64_t i = begin; i < end; ++i) b |= allow_inf ? std::isnan(p[i]) : !std::isfinite(p[i]);
     if (b) bad = true;
@@ -169,7 +175,7 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_
     const int64_t num_seg = static_cast<int64_t>(seg_start.size()) - 1;
     const auto thr = threshold_below<calc_t<scalar_t>>(iou_threshold);
     // Classes are independent: greedy NMS per segment in parallel.
-    at::parallel_for(0, num_seg, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_seg, n >= kParallelWork ? 1 : num_seg, [&](int64_t begin, int64_t end) {
       KeptBoxes<calc_t<scalar_t>> kept;
       std::vector<int64_t> local;
       for (int64_t g = begin; g < end; ++g) {
@@ -264,7 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclas
     // The reference compares scores > score_threshold in the scores' dtype (torch casts the Python float).
     const scalar_t sthr = static_cast<scalar_t>(score_threshold);
     const auto ithr = threshold_below<calc_t<scalar_t>>(iou_threshold);
-    at::parallel_for(0, num_images, 1, [&](int64_t begin, int64_t end) {
+    // an image's work is its candidates (up to rows x C scores)
+    const int64_t grain = n * C >= kParallelWork * 4 ? 1 : std::max<int64_t>(num_images, 1);
+    at::parallel_for(0, num_images, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         multiclass_image<scalar_t>(b, class_specific, s, C, rows[i], sthr, ithr, max_per_image, dets[i]);
     });
