@@ -7,7 +7,8 @@ import torchvision
 import ltkernels
 from ltkernels.reference.roi_align import roi_align_reference
 
-from conftest import cuda_devices, devices
+from conftest import EMULATION, cuda_devices, devices
+from ltkernels.testing import cuda_emulation as emulation
 
 # Two shapes that send the CPU kernels down their two paths: many RoIs on a small map use the channels-last
 # (vectorised over channels) path, a few RoIs on a large map read the NCHW planes in place.
@@ -425,3 +426,27 @@ def test_cuda_opcheck_and_devices():
     torch.library.opcheck(torch.ops.ltkernels.roi_align.default, (x, rois, 1.0, 2, 3, 2, True))
     with pytest.raises(ValueError, match="boxes is on cpu"):
         ltkernels.roi_align(x, rois.cpu(), 2)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_backward_bitwise_identical_in_every_order():
+    """The gather backward sums in a fixed order per pixel: bit-identical in every thread order and SM count."""
+    if not EMULATION:
+        pytest.skip("this build has no CUDA emulation")
+    x = torch.randn(2, 3, 12, 15)
+    rois = make_boxes(20, 2, 12, 15, scale=0.5, dtype=torch.float32)
+    g = torch.randn(20, 3, 4, 4)
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for order in emulation.ORDERS:
+            for sms in (2, 132):
+                with emulation.cuda_emulation(order=order, seed=7, sms=sms):
+                    xe = x.clone().requires_grad_()
+                    out = ltkernels.roi_align(xe, rois, 4, 0.5, -1, True)
+                    out.backward(g)
+                grads.append((out, xe.grad))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for out, grad in grads[1:]:
+        assert torch.equal(out, grads[0][0]) and torch.equal(grad, grads[0][1])
