@@ -14,6 +14,10 @@ Malformed input:
   `.skipped` (keys `missing_key`, `bad_bbox`, `unknown_category`, `unknown_image`; crowd boxes, dropped when
   `skip_crowd`, count as `crowd` without a warning) and summarised in
   one `logging.warning`.
+- with `masks=True`, an annotation whose segmentation is malformed (see `models.data.masks`: odd coordinate
+  count, fewer than 3 points, non-finite values, malformed RLE, RLE of the wrong size, none at all) -> skipped,
+  counted per defect (`bad_polygon_odd`, `bad_polygon_points`, `bad_polygon_value`, `bad_rle`, `bad_rle_size`,
+  `missing_segmentation`).
 - an image whose file is missing (checked at construction when `check_images=True`) -> skipped, counted as
   `missing_image`.  Images without (valid) annotations are kept (they are negatives for the detector) unless
   `skip_empty=True` (counted as `empty_image`).
@@ -31,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .masks import MASK_DEFECTS, check_segmentation, rasterize
+
 __all__ = ["LVISFormatError", "LVISDetection", "DetectionTransform", "collate_detection", "resolve_image_path",
            "load_annotation_file"]
 
@@ -46,6 +52,7 @@ _SKIP_TEXT = {
     "unknown_category": "annotations with an unknown category id",
     "unknown_image": "annotations with an unknown image id",
     "missing_image": "images whose file is missing",
+    **MASK_DEFECTS,
 }
 
 
@@ -130,18 +137,20 @@ class LVISDetection(torch.utils.data.Dataset):
     `__getitem__(i)` -> (image float32 [3, H, W], target dict with `boxes` float32 [K, 4] x1y1x2y2 in the
     transformed image, `labels` int64 [K] contiguous labels 1..C (= category ids for LVIS), `image_id`,
     `orig_size` (h, w), `size` (h, w) after the transform, `scale` (resize factor), `flipped`).  Without
-    transforms the image is in [0, 1], scale 1.0, not flipped.
+    transforms the image is in [0, 1], scale 1.0, not flipped.  With `masks=True` the target also holds `masks`,
+    uint8 [K, h, w] at the transformed size (polygons drawn at that size, RLEs resized; flipped with the image).
     """
 
     def __init__(self, ann_file: str, image_root: str, transforms=None, skip_crowd: bool = True,
-                 check_images: bool = True, skip_empty: bool = False):
+                 check_images: bool = True, skip_empty: bool = False, masks: bool = False):
         self.ann_file = ann_file
         self.image_root = image_root
         self.transforms = transforms
+        self.with_masks = bool(masks)
         data = load_annotation_file(ann_file)
         self.skipped: Dict[str, int] = {k: 0 for k in ("missing_key", "bad_bbox", "unknown_category",
                                                           "unknown_image", "crowd", "missing_image",
-                                                          "empty_image")}
+                                                          "empty_image", *MASK_DEFECTS)}
 
         # categories
         if not data["categories"]:
@@ -183,7 +192,7 @@ class LVISDetection(torch.utils.data.Dataset):
             images[iid] = img
 
         # annotations
-        per_image: Dict[int, List[Tuple[List[float], int]]] = {k: [] for k in images}
+        per_image: Dict[int, List[tuple]] = {k: [] for k in images}
         ann_ids: Dict[object, int] = {}
         for i, a in enumerate(data["annotations"]):
             if isinstance(a, dict) and isinstance(a.get("id"), (int, str)):
@@ -213,8 +222,15 @@ class LVISDetection(torch.utils.data.Dataset):
             if iid not in per_image:
                 self.skipped["unknown_image"] += 1
                 continue
+            seg = None
+            if self.with_masks:
+                img = images[iid]
+                seg, defect = check_segmentation(a.get("segmentation"), img.get("height"), img.get("width"))
+                if defect is not None:
+                    self.skipped[defect] += 1
+                    continue
             x, y, w, h = (float(v) for v in a["bbox"])
-            per_image[iid].append(([x, y, x + w, y + h], self.category_id_to_label[cid]))
+            per_image[iid].append(([x, y, x + w, y + h], self.category_id_to_label[cid], seg))
 
         self._records = []
         self.missing_paths: List[str] = []  # the first few image files that were not found
@@ -230,10 +246,11 @@ class LVISDetection(torch.utils.data.Dataset):
             if skip_empty and not anns:
                 self.skipped["empty_image"] += 1
                 continue
-            boxes = np.array([b for b, _ in anns], dtype=np.float32).reshape(-1, 4)
-            labels = np.array([l for _, l in anns], dtype=np.int64)
+            boxes = np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4)
+            labels = np.array([a[1] for a in anns], dtype=np.int64)
             self._records.append({"id": iid, "path": path, "boxes": boxes, "labels": labels,
-                                  "width": img.get("width"), "height": img.get("height")})
+                                  "width": img.get("width"), "height": img.get("height"),
+                                  "segmentations": [a[2] for a in anns] if self.with_masks else None})
         self.image_ids: List[int] = [r["id"] for r in self._records]
         self._classes = [frozenset(int(l) for l in r["labels"]) for r in self._records]
 
@@ -291,6 +308,9 @@ class LVISDetection(torch.utils.data.Dataset):
         }
         if self.transforms is not None:
             image, target = self.transforms(image, target)
+        if self.with_masks:
+            target["masks"] = rasterize(r["segmentations"], (h, w), tuple(image.shape[-2:]),
+                                        bool(target.get("flipped", False)))
         return image, target
 
 
