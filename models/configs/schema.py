@@ -55,6 +55,8 @@ class ModelConfig:
     bags_bounds: List[int] = _f([10, 100, 1000], ALL_POSITIVE)
     bags_others_ratio: float = _f(8.0, NON_NEGATIVE)
     simcal_tail_threshold: Optional[int] = _f(None, POSITIVE)
+    mask_head: bool = _f(False, doc="two-stage: add the Mask R-CNN mask branch (instance segmentation)")
+    mask_head_channels: int = _f(256, POSITIVE, doc="channels of the mask head's convolutions")
     head_convs: int = _f(4, NON_NEGATIVE)
     topk_candidates: int = _f(1000, POSITIVE)
     fg_iou: float = _f(0.5, FRACTION)

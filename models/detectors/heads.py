@@ -139,7 +139,9 @@ class RoIBoxHead(nn.Module):
             labels.append(lab[keep])
         return props, torch.cat(labels)
 
-    def forward(self, features: list, proposals: list, image_sizes, targets=None):
+    def forward(self, features: list, proposals: list, image_sizes, targets=None, return_samples: bool = False):
+        """(detections or None, losses); with `return_samples` in training also the sampled RoIs (a list per image)
+        and their labels, for the mask head."""
         if targets is not None and self.train_calibration:
             proposals, labels = self.select_calibration_samples(proposals, targets)
             with torch.no_grad():
@@ -160,6 +162,8 @@ class RoIBoxHead(nn.Module):
                 deltas = self.bbox_pred(x).float().view(len(x), self.num_classes, 4)[pos, labels[pos] - 1]
                 losses["loss_box"] = F.smooth_l1_loss(deltas, reg_targets[pos], beta=1 / 9,
                                                       reduction="sum") / max(labels.numel(), 1)
+            if return_samples:
+                return None, losses, (proposals, labels)
             return None, losses
         return self.postprocess(features, proposals, image_sizes), {}
 

@@ -1,5 +1,7 @@
 """Faster R-CNN with FPN: backbone + torchvision's RPN (its proposal NMS by ltkernels, `rpn.RPN`) + the ltkernels
-RoI box head (`heads.RoIBoxHead`).
+RoI box head (`heads.RoIBoxHead`); with `mask_head` in the config, Mask R-CNN: the mask branch of
+`mask_head.MaskHead` on the box head's positive RoIs, and "masks" (probabilities [K, 28, 28] of each detection's
+class) in the detections.
 
 `forward(images, targets)` returns a dict of losses when `targets` is given, else a list of detections
 ({"boxes", "scores", "labels"}) in the coordinates of the (resized) input images.
@@ -16,6 +18,7 @@ from torchvision.models.detection.rpn import RPNHead
 from ..configs.schema import ModelConfig, model_config
 from .backbone import build_backbone
 from .heads import RoIBoxHead
+from .mask_head import MaskHead
 from .rpn import RPN
 
 
@@ -56,6 +59,11 @@ class TwoStageDetector(nn.Module):
         self.roi_levels = [i for i, s in enumerate(strides) if s <= 32]
         self.roi_heads = RoIBoxHead(self.backbone.out_channels, [strides[i] for i in self.roi_levels],
                                     num_classes, instance_counts, cfg)
+        self.mask_head = None
+        if cfg.mask_head:
+            self.mask_head = MaskHead(self.backbone.out_channels, [strides[i] for i in self.roi_levels], num_classes,
+                                      channels=cfg.mask_head_channels, sampling_ratio=cfg.sampling_ratio,
+                                      canonical_scale=cfg.canonical_scale, canonical_level=cfg.canonical_level)
         self.size_divisible = max(32, max(strides))
         self.stage = "base"
 
@@ -66,9 +74,18 @@ class TwoStageDetector(nn.Module):
         proposals, rpn_losses = self.rpn(image_list, features, rpn_targets)
         feats = list(features.values())
         feats = [feats[i] for i in self.roi_levels]
-        detections, roi_losses = self.roi_heads(feats, proposals, image_list.image_sizes, targets)
+        train_masks = (targets is not None and self.mask_head is not None and self.stage == "base"
+                       and not self.roi_heads.train_calibration)
+        if train_masks:
+            _, roi_losses, (sampled, labels) = self.roi_heads(feats, proposals, image_list.image_sizes, targets,
+                                                              return_samples=True)
+            roi_losses["loss_mask"] = self.mask_head.loss(feats, sampled, labels, targets)
+        else:
+            detections, roi_losses = self.roi_heads(feats, proposals, image_list.image_sizes, targets)
         if targets is not None:
             return {**rpn_losses, **roi_losses}
+        if self.mask_head is not None:
+            self.mask_head.predict(feats, detections)
         return detections
 
     # ---------------------------------------------------------------------------------- decoupled stage 2
@@ -99,6 +116,8 @@ class TwoStageDetector(nn.Module):
         if self.stage != "base":  # frozen parts stay in inference behaviour
             self.backbone.eval()
             self.rpn.eval()
+            if self.mask_head is not None:
+                self.mask_head.eval()
         return self
 
     def init_stage_from_base(self, base_state: dict) -> list:

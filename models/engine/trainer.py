@@ -33,14 +33,14 @@ class DatasetError(ValueError):
     """The images or annotations cannot be used for this job (none found, ...)."""
 
 
-def build_dataset(ann_file: str, image_root: str, data_cfg: dict, train: bool):
+def build_dataset(ann_file: str, image_root: str, data_cfg: dict, train: bool, masks: bool = False):
     from ..data.lvis import DetectionTransform, LVISDetection
 
     if not os.path.isdir(image_root):
         raise DatasetError(f"--images {image_root}: no such folder")
     tf = DetectionTransform(data_cfg["min_size"], data_cfg["max_size"], data_cfg["flip_prob"] if train else 0.0,
                             data_cfg["mean"], data_cfg["std"])
-    dataset = LVISDetection(ann_file, image_root, transforms=tf)
+    dataset = LVISDetection(ann_file, image_root, transforms=tf, masks=masks)
     if len(dataset) == 0:
         missing = dataset.skipped.get("missing_image", 0)
         raise DatasetError(f"--images {image_root}: none of the {missing} images of {ann_file} is there (first "
@@ -241,7 +241,8 @@ def train(cfg: dict, train_ann: str, image_root: str, out_dir: str, val_ann: str
     pretrained = cfg["model"].get("pretrained_backbone") if not resume else None
     pretrained_state = load_checkpoint(pretrained, trust=trust_checkpoint) if pretrained else None
     seed_everything(tcfg["seed"])  # identical initial weights on every rank
-    dataset = build_dataset(train_ann, image_root, cfg["data"], train=True)
+    dataset = build_dataset(train_ann, image_root, cfg["data"], train=True,
+                            masks=bool(cfg["model"].get("mask_head")))
     meta = _model_meta(dataset, cfg)
     if resumed is not None:
         _check_compatible(resumed, meta, cfg, resume)
