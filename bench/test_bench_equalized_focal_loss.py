@@ -40,10 +40,10 @@ def size_str(device):
     return f"{N[device]}x{C}"
 
 
-def _run(run_bench, device, dtype, impl, step, logits):
+def _run(run_bench, device, dtype, impl, step, logits, op=OP):
     # on CPU the eager peer takes seconds per step: one timed round (after the warm-ups) is enough for a 10x gap
     rounds = {"eager": 1, "compile": 3}.get(impl) if device == "cpu" else None
-    run_bench(step, op=OP, impl=impl, size=size_str(device), dtype=str(dtype).replace("torch.", ""), device=device,
+    run_bench(step, op=op, impl=impl, size=size_str(device), dtype=str(dtype).replace("torch.", ""), device=device,
               pass_="fwd+bwd", bytes_moved=bytes_moved(logits), rounds=rounds)
 
 

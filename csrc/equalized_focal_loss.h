@@ -1,4 +1,4 @@
-// Shape, dtype and parameter checks of equalized_focal_loss shared by the CPU and CUDA kernels (device checks stay
+// Shape, dtype and parameter checks of equalized_focal_loss (and equalized_quality_focal_loss) shared by the CPU and CUDA kernels (device checks stay
 // with each backend).
 #pragma once
 
@@ -21,6 +21,17 @@ inline void check_equalized_focal_loss_args(const at::Tensor& logits, const at::
   TORCH_CHECK(at::isFloatingType(pos_neg.scalar_type()), "pos_neg must be a floating-point tensor");
   TORCH_CHECK(gamma_b >= 0 && (scale == 0 || gamma_b > 0), "gamma_b must be > 0 (or >= 0 with scale = 0), got ",
               gamma_b);
+}
+
+// EQFL: EFL's checks plus the per-row quality [N] (the soft target of each positive row).
+inline void check_equalized_quality_focal_loss_args(const at::Tensor& logits, const at::Tensor& labels,
+                                                    const at::Tensor& quality, const at::Tensor& pos_neg,
+                                                    const at::Tensor& normalizer, double gamma_b, double scale) {
+  check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  LTK_CHECK_DIM(quality, 1);
+  TORCH_CHECK(quality.size(0) == logits.size(0), "quality must have ", logits.size(0), " entries (one per row of ",
+              "logits), got ", quality.size(0));
+  TORCH_CHECK(at::isFloatingType(quality.scalar_type()), "quality must be a floating-point tensor");
 }
 
 }  // namespace ltk

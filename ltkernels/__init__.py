@@ -5,11 +5,13 @@ or CUDA kernel; fake-tensor and autograd registrations live beside each op in `l
 """
 from ._ext import LibraryMismatchError, build_info, has_cuda_kernels
 from .ops.equalized_focal_loss import *  # noqa: F401,F403
+from .ops.equalized_quality_focal_loss import *  # noqa: F401,F403
 from .ops.group_softmax import *  # noqa: F401,F403
 from .ops.nms import *  # noqa: F401,F403
 from .ops.poolers import *  # noqa: F401,F403
 from .ops.roi_align import *  # noqa: F401,F403
-from .ops import equalized_focal_loss as _efl, group_softmax as _gs, nms as _nms, poolers as _pl, roi_align as _ra
+from .ops import (equalized_focal_loss as _efl, equalized_quality_focal_loss as _eqfl, group_softmax as _gs,
+                  nms as _nms, poolers as _pl, roi_align as _ra)
 from ._validate import ArgumentTypeError, ArgumentValueError, BoxesShapeError
 from .torchvision_compat import TorchvisionPatch, patch_torchvision
 
@@ -17,4 +19,4 @@ __version__ = build_info()["version"]
 
 __all__ = ["build_info", "has_cuda_kernels", "LibraryMismatchError", "__version__", "ArgumentTypeError",
            "ArgumentValueError", "BoxesShapeError", "patch_torchvision", "TorchvisionPatch", *_efl.__all__,
-           *_gs.__all__, *_nms.__all__, *_pl.__all__, *_ra.__all__]
+           *_eqfl.__all__, *_gs.__all__, *_nms.__all__, *_pl.__all__, *_ra.__all__]

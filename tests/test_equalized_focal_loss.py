@@ -404,7 +404,8 @@ def _free_port():
 @pytest.mark.distributed
 def test_distributed_two_ranks(tmp_path):
     """torchrun, 2 CPU processes on gloo: each rank's buffers equal the single-process statistics of the
-    concatenated batch (with the distributed normalizer: positives summed over ranks / world size), and each other."""
+    concatenated batch (with the distributed normalizer: max(positives summed over ranks, 1) / world size), and each
+    other."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
@@ -419,10 +420,177 @@ def test_distributed_two_ranks(tmp_path):
     c = batches[0][0].shape[1]
     mod = ltkernels.EqualizedFocalLoss(c).double()
     for logits, labels in batches:
-        norm = ((labels > 0).sum().double() / 2).clamp(min=1)
+        norm = (labels > 0).sum().double().clamp(min=1) / 2
         x = logits.clone().requires_grad_()
         mod(x, labels, normalizer=norm).backward()
     for name in ("pos_grad", "neg_grad", "pos_neg"):
         assert torch.equal(r0[name], r1[name]), name
         torch.testing.assert_close(r0[name], getattr(mod, name), rtol=1e-10, atol=1e-14)
     assert (mod.pos_neg < 1).any()
+
+
+@pytest.mark.distributed
+def test_distributed_normalizer_is_the_official_one(tmp_path):
+    """2 gloo ranks, steps with 0 and with 1 positive row in total: the default normalizer is the official
+    max(positives summed over ranks, 1) / world size = 0.5 (not max(sum / world size, 1) = 1), for EFL and EQFL;
+    the statistics are the sums over both ranks."""
+    from ltkernels.reference.equalized_quality_focal_loss import equalized_quality_focal_loss as ref_eqfl
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE / "dist_efl_worker.py"), str(tmp_path), "sparse"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"sparse{r}.pt") for r in range(2)]
+    for step in range(2):
+        total = sum(int((r[step]["labels"] > 0).sum()) for r in ranks)
+        assert total == ranks[0][step]["total_pos"]
+        norm = max(total, 1) / 2
+        assert norm == 0.5
+        pos = {k: 0 for k in ("efl", "eqfl")}
+        neg = {k: 0 for k in ("efl", "eqfl")}
+        for r in ranks:
+            s = r[step]
+            for name in ("efl", "eqfl"):
+                x = s["logits"].clone().requires_grad_()
+                if name == "efl":
+                    expected = ref_loss(x, s["labels"], None, norm)
+                else:
+                    expected = ref_eqfl(x, s["labels"], s["quality"], None, norm)
+                (g,) = torch.autograd.grad(expected, x)
+                assert_close(s[name]["loss"], expected)
+                assert_close(s[name]["grad"], g)
+                p, q = efl_statistics(g, s["labels"])
+                pos[name], neg[name] = pos[name] + p, neg[name] + q
+        for name in ("efl", "eqfl"):
+            for r in ranks:  # every rank holds the all-reduced sums (one step into fresh modules)
+                assert_close(r[step][name]["pos_grad"], pos[name])
+                assert_close(r[step][name]["neg_grad"], neg[name])
+
+
+# ---- argument validation -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", ["efl", "eqfl"])
+def test_argument_validation(fn):
+    c = 4
+    logits, labels = make_batch(10, c)
+    quality = torch.rand(10, dtype=torch.float64)
+
+    def call(lab=labels, **kw):
+        if fn == "efl":
+            return ltkernels.equalized_focal_loss(logits, lab, **kw)
+        return ltkernels.equalized_quality_focal_loss(logits, lab, quality, **kw)
+
+    for bad in (0.0, -1.0, float("nan"), torch.tensor(0.0), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="normalizer must be > 0"):
+            call(normalizer=bad)
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\] \(or be -1"):
+            call(alpha=bad)
+    call(alpha=-1.0)  # documented: no alpha_t
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        call(scale=float("nan"))
+    with pytest.raises(ValueError, match="gamma_b must be a finite number"):
+        call(gamma_b=float("inf"))
+    for bad in (1.5, -0.1, float("nan")):
+        pn = torch.full((c,), 0.5)
+        pn[1] = bad
+        with pytest.raises(ValueError, match=r"pos_neg must lie in \[0, 1\]"):
+            call(pos_neg=pn)
+    for bad in (0, 2, c):
+        with pytest.raises(ValueError, match=rf"ignore_index must not be a label \(0..{c}\)"):
+            call(ignore_index=bad)
+    cls = ltkernels.EqualizedFocalLoss if fn == "efl" else ltkernels.EqualizedQualityFocalLoss
+    with pytest.raises(ValueError, match="ignore_index must not be a label"):
+        cls(c, ignore_index=1)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        cls(c, alpha=2.0)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        cls(c, scale=float("nan"))
+    for ok in (-100, c + 1):  # any value that is not a label is a valid ignore_index
+        lab = torch.where(labels == -1, torch.full_like(labels, ok), labels)
+        assert torch.equal(call(lab, ignore_index=ok), call())
+
+
+# ---- mixed precision ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", ["efl", "eqfl"])
+def test_autocast_matches_float64_reference(dtype, fn):
+    """Under autocast the logits reach the loss in float16 / bfloat16: the loss and the statistics are computed and
+    accumulated in float32 and match the float64 reference on the same (rounded) logits; the buffers stay
+    float32."""
+    from ltkernels.reference.equalized_quality_focal_loss import EqualizedQualityFocalLossReference
+
+    c, d = 23, 16
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(d, c)
+    with torch.no_grad():
+        layer.bias.fill_(-2.0)
+    if fn == "efl":
+        mod, ref = ltkernels.EqualizedFocalLoss(c), EqualizedFocalLossReference(c, dtype=torch.float64)
+    else:
+        mod, ref = ltkernels.EqualizedQualityFocalLoss(c), EqualizedQualityFocalLossReference(c, dtype=torch.float64)
+    for _ in range(3):
+        feats = torch.randn(400, d)
+        _, labels = make_batch(400, c)
+        quality = torch.rand(400)
+        extra = () if fn == "efl" else (quality,)
+        with torch.autocast("cpu", dtype=dtype):
+            logits = layer(feats)
+            assert logits.dtype == dtype
+            x = logits.detach().requires_grad_()
+            loss = mod(x, labels, *extra)
+        loss.backward()
+        xr = x.detach().double().requires_grad_()
+        lr = ref(xr, labels, *extra)
+        lr.backward()
+        assert loss.dtype == torch.float32 and mod.pos_grad.dtype == torch.float32
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+        assert_close(loss, lr, rtol=1e-5, atol=0)  # the loss itself is summed in float32
+        assert_close(x.grad, xr.grad, rtol=tol, atol=tol * xr.grad.abs().max().item())
+        assert_close(mod.pos_grad, ref.pos_grad, rtol=1e-4, atol=1e-9)
+        assert_close(mod.neg_grad, ref.neg_grad, rtol=1e-4, atol=1e-9)
+        assert_close(mod.pos_neg, ref.pos_neg, rtol=1e-4, atol=1e-7)
+    assert (mod.pos_neg < 1).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_training_statistics_track_fp32(dtype):
+    """A short training run of a linear classifier with EFL, once in float32 and once under autocast: the
+    per-class statistics (pos_neg, hence gamma_j) follow the float32 run closely at every step."""
+    c, d, steps, n = 12, 24, 40, 1024
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(steps, n, d, generator=gen)
+    freq = 1.0 / torch.arange(1, c + 1, dtype=torch.float64) ** 1.5  # long-tailed classes
+    labels = torch.multinomial(freq, steps * n, replacement=True, generator=gen).view(steps, n) + 1
+    labels[torch.rand(steps, n, generator=gen) < 0.9] = 0
+    centers = torch.randn(c + 1, d, generator=gen)
+    feats = feats + 1.5 * centers[labels]  # learnable: the statistics really move
+
+    def run(amp):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(d, c)
+        with torch.no_grad():
+            layer.bias.fill_(-4.0)
+        efl = ltkernels.EqualizedFocalLoss(c)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+        trace = []
+        for s in range(steps):
+            with torch.autocast("cpu", dtype=dtype, enabled=amp):
+                logits = layer(feats[s])
+                loss = efl(logits, labels[s])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            trace.append(efl.pos_neg.clone())
+        return torch.stack(trace), efl
+
+    fp32, _ = run(False)
+    amp, efl = run(True)
+    assert efl.pos_neg.dtype == torch.float32
+    assert fp32[-1].min() < 0.9  # the statistics moved away from their start
+    tol = {torch.float16: 0.01, torch.bfloat16: 0.05}[dtype]
+    assert (amp - fp32).abs().max() < tol

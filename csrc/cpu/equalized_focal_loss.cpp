@@ -1,4 +1,5 @@
-// CPU kernels of the Equalized Focal Loss (SPEC.md section 2). Forward: one pass over the logits, partial sums per
+// CPU kernels of the Equalized Focal Loss (docs/spec.md §2) and of the Equalized Quality Focal Loss (the same
+// kernels with a soft target on the positive column: `quality` non-null). Forward: one pass over the logits, partial sums per
 // fixed block of rows, summed in a fixed order (deterministic). Backward: one pass that writes dL/dlogits and
 // accumulates sum |dL/dx| per class into per-chunk [C] partials (double), merged in chunk order. No [N, C]
 // temporary besides the gradient, no one-hot matrix.
@@ -18,6 +19,8 @@ namespace {
 
 using ltk::efl::grad_z;
 using ltk::efl::loss_term;
+using ltk::efl::quality_grad_x;
+using ltk::efl::quality_loss_term;
 
 // ---- float32 fast path ----------------------------------------------------------------------------------------
 // Branch-free float maths that the compiler vectorises (the loops below are compiled twice, for AVX2+FMA and for
@@ -112,9 +115,18 @@ struct ClassWeights {
   }
 };
 
+// The positive column's soft target of row i (EQFL), checked on the rows that use it.
+template <typename A>
+A row_quality(const A* quality, int64_t i) {
+  const A q = quality[i];
+  TORCH_CHECK(q >= A(0) && q <= A(1), "quality must lie in [0, 1] on positive rows, found ", q, " at row ", i);
+  return q;
+}
+
+// quality: nullptr for EFL, else [N] soft targets of the positive columns (EQFL).
 template <typename scalar_t, typename A>
-double forward_kernel(const scalar_t* x, const int64_t* lab, int64_t n, int64_t c, const ClassWeights<A>& cw,
-                      int64_t ignore_index) {
+double forward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, int64_t n, int64_t c,
+                      const ClassWeights<A>& cw, int64_t ignore_index) {
   constexpr int64_t kRows = 32;  // fixed blocks of rows: the summation order does not depend on the thread count
   const int64_t nblocks = ltk::ceil_div(n, kRows);
   std::vector<double> partial(nblocks, 0.0);
@@ -146,7 +158,9 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, int64_t n, int64_t 
         };
         if (jp >= 0) {
           negatives(0, jp);
-          s += loss_term<A>(static_cast<A>(row[jp]), gamma[jp], cw.aw_pos[jp]);
+          const A xp = static_cast<A>(row[jp]);
+          s += quality ? quality_loss_term<A>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
+                       : loss_term<A>(xp, gamma[jp], cw.aw_pos[jp]);
           negatives(jp + 1, c);
         } else {
           negatives(0, c);
@@ -162,7 +176,7 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, int64_t n, int64_t 
 }
 
 template <typename scalar_t, typename A>
-void backward_kernel(const scalar_t* x, const int64_t* lab, scalar_t* gx, int64_t n, int64_t c,
+void backward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, scalar_t* gx, int64_t n, int64_t c,
                      const ClassWeights<A>& cw, int64_t ignore_index, A gscale, A* pos_out, A* neg_out) {
   // Fixed chunking (one chunk per thread at most): each chunk sums its rows in order into its own [2, C] partials,
   // merged in chunk order, so the statistics are reproducible for a given thread count.
@@ -203,7 +217,9 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, scalar_t* gx, int64_
         };
         if (jp >= 0) {
           negatives(0, jp);
-          const A g = grad_z<A>(static_cast<A>(row[jp]), gamma[jp], cw.aw_pos[jp]) * gscale;  // dz/dx = +1
+          const A xp = static_cast<A>(row[jp]);  // dz/dx = +1
+          const A g = (quality ? quality_grad_x<A>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
+                               : grad_z<A>(xp, gamma[jp], cw.aw_pos[jp])) * gscale;
           grow[jp] = static_cast<scalar_t>(g);
           pos[jp] += static_cast<double>(std::abs(g));
           negatives(jp + 1, c);
@@ -230,13 +246,18 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor efl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
-                           const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
-                           int64_t ignore_index, const std::optional<at::Tensor>& pos_grad,
-                           const std::optional<at::Tensor>& neg_grad) {
+// quality: undefined for EFL.
+at::Tensor forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                       const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
+                       double alpha, int64_t ignore_index) {
   LTK_CHECK_CPU(logits);
   LTK_CHECK_CPU(labels);
-  ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  if (quality.defined()) {
+    LTK_CHECK_CPU(quality);
+    ltk::check_equalized_quality_focal_loss_args(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
+  } else {
+    ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  }
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
   auto lab = labels.to(at::kLong).contiguous();
@@ -246,20 +267,27 @@ at::Tensor efl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, c
     using A = ltk::acc_t<scalar_t>;
     if (n > 0 && c > 0) {
       ClassWeights<A> cw(pos_neg, gamma_b, scale, alpha);
-      total = forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), n, c, cw,
-                                          ignore_index);
+      at::Tensor q = quality.defined() ? quality.to(acc_dtype(logits)).contiguous() : at::Tensor();
+      total = forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+                                          q.defined() ? q.const_data_ptr<A>() : nullptr, n, c, cw, ignore_index);
     }
   });
   return at::scalar_tensor(total / norm, logits.options().dtype(acc_dtype(logits)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                                const at::Tensor& labels, const at::Tensor& pos_neg,
-                                                                const at::Tensor& normalizer, double gamma_b,
-                                                                double scale, double alpha, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                            const at::Tensor& labels, const at::Tensor& quality,
+                                                            const at::Tensor& pos_neg, const at::Tensor& normalizer,
+                                                            double gamma_b, double scale, double alpha,
+                                                            int64_t ignore_index) {
   LTK_CHECK_CPU(logits);
   LTK_CHECK_CPU(labels);
-  ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  if (quality.defined()) {
+    LTK_CHECK_CPU(quality);
+    ltk::check_equalized_quality_focal_loss_args(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
+  } else {
+    ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  }
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
@@ -273,12 +301,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor
     using A = ltk::acc_t<scalar_t>;
     if (n > 0 && c > 0) {
       ClassWeights<A> cw(pos_neg, gamma_b, scale, alpha);
+      at::Tensor q = quality.defined() ? quality.to(acc_dtype(logits)).contiguous() : at::Tensor();
       backward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
-                                   grad.data_ptr<scalar_t>(), n, c, cw, ignore_index, static_cast<A>(g0 / norm),
-                                   pos.data_ptr<A>(), neg.data_ptr<A>());
+                                   q.defined() ? q.const_data_ptr<A>() : nullptr, grad.data_ptr<scalar_t>(), n, c,
+                                   cw, ignore_index, static_cast<A>(g0 / norm), pos.data_ptr<A>(), neg.data_ptr<A>());
     }
   });
   return {grad, pos, neg};
+}
+
+at::Tensor efl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
+                           const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
+                           int64_t ignore_index, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
+  return forward_cpu(logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                                const at::Tensor& labels, const at::Tensor& pos_neg,
+                                                                const at::Tensor& normalizer, double gamma_b,
+                                                                double scale, double alpha, int64_t ignore_index) {
+  return backward_cpu(grad_loss, logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha,
+                      ignore_index);
+}
+
+at::Tensor eqfl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                            const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
+                            double alpha, int64_t ignore_index, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&) {
+  return forward_cpu(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eqfl_backward_cpu(const at::Tensor& grad_loss,
+                                                                 const at::Tensor& logits, const at::Tensor& labels,
+                                                                 const at::Tensor& quality, const at::Tensor& pos_neg,
+                                                                 const at::Tensor& normalizer, double gamma_b,
+                                                                 double scale, double alpha, int64_t ignore_index) {
+  return backward_cpu(grad_loss, logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
 }
 
 }  // namespace
@@ -286,4 +344,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor
 TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
   m.impl("equalized_focal_loss", &efl_forward_cpu);
   m.impl("equalized_focal_loss_backward", &efl_backward_cpu);
+  m.impl("equalized_quality_focal_loss", &eqfl_forward_cpu);
+  m.impl("equalized_quality_focal_loss_backward", &eqfl_backward_cpu);
 }

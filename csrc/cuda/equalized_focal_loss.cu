@@ -1,4 +1,5 @@
-// CUDA kernels of the Equalized Focal Loss (SPEC.md section 2).
+// CUDA kernels of the Equalized Focal Loss (docs/spec.md §2) and of the Equalized Quality Focal Loss (the same
+// kernels with a soft target on the positive column: `quality` non-null).
 // Both kernels: one block per row at a time (grid-stride over rows), threads along the classes (coalesced), each
 // thread owning the columns j = threadIdx.x + k * blockDim.x.
 // Forward: per-thread partial sums -> block reduction -> one partial per block -> at::sum (deterministic).
@@ -24,6 +25,8 @@ namespace {
 
 using ltk::efl::grad_z;
 using ltk::efl::loss_term;
+using ltk::efl::quality_grad_x;
+using ltk::efl::quality_loss_term;
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // columns loaded per thread before the maths: more bytes in flight
@@ -66,9 +69,19 @@ __device__ __forceinline__ void for_each_column(const scalar_t* __restrict__ row
   }
 }
 
+// The soft target of row i's positive column (EQFL; unused for EFL and for background rows).
+template <typename A>
+__device__ __forceinline__ A row_quality(const A* __restrict__ quality, int64_t i, int64_t jp) {
+  if (quality == nullptr || jp < 0) return A(1);
+  const A q = quality[i];
+  CUDA_KERNEL_ASSERT(q >= A(0) && q <= A(1) && "quality must lie in [0, 1] on positive rows");
+  return q;
+}
+
 template <typename scalar_t, typename A>
 __global__ void __launch_bounds__(kThreads) efl_forward_kernel(const scalar_t* __restrict__ x,
                                                                const int64_t* __restrict__ labels,
+                                                               const A* __restrict__ quality,
                                                                const A* __restrict__ pos_neg, int64_t n, int64_t c,
                                                                Params p, int64_t ignore_index,
                                                                A* __restrict__ partial) {
@@ -78,9 +91,10 @@ __global__ void __launch_bounds__(kThreads) efl_forward_kernel(const scalar_t* _
     if (y == ignore_index) continue;
     CUDA_KERNEL_ASSERT(y >= 0 && y <= c && "labels must lie in 0..C or be ignore_index");
     const int64_t jp = y - 1;
+    const A qi = row_quality(quality, i, jp);
     const scalar_t* row = x + i * c;
-    for_each_column(row, c, jp, pos_neg, p, [&](int64_t, bool, A z, A gamma, A aw) {
-      acc += loss_term<A>(z, gamma, aw);
+    for_each_column(row, c, jp, pos_neg, p, [&](int64_t, bool pos, A z, A gamma, A aw) {
+      acc += pos && quality != nullptr ? quality_loss_term<A>(z, qi, gamma, aw) : loss_term<A>(z, gamma, aw);
     });
   }
   // block reduction: warp shuffles, then the warps' sums through shared memory
@@ -99,8 +113,8 @@ __global__ void __launch_bounds__(kThreads) efl_forward_kernel(const scalar_t* _
 // SMEM: per-class accumulators in shared memory (2 * c values); otherwise atomics straight to global memory.
 template <typename scalar_t, typename A, bool SMEM>
 __global__ void __launch_bounds__(kThreads) efl_backward_kernel(
-    const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, const A* __restrict__ pos_neg,
-    const A* __restrict__ gscale_ptr, int64_t n, int64_t c, Params p, int64_t ignore_index,
+    const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, const A* __restrict__ quality,
+    const A* __restrict__ pos_neg, const A* __restrict__ gscale_ptr, int64_t n, int64_t c, Params p, int64_t ignore_index,
     scalar_t* __restrict__ grad, A* __restrict__ pos_out, A* __restrict__ neg_out, A* __restrict__ partial) {
   LTK_DYNAMIC_SHARED(unsigned char, smem_raw);
   A* s_pos = reinterpret_cast<A*>(smem_raw);
@@ -123,8 +137,10 @@ __global__ void __launch_bounds__(kThreads) efl_backward_kernel(
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y <= c && "labels must lie in 0..C or be ignore_index");
     const int64_t jp = y - 1;
+    const A qi = row_quality(quality, i, jp);
     for_each_column(row, c, jp, pos_neg, p, [&](int64_t j, bool pos, A z, A gamma, A aw) {
-      const A dz = grad_z<A>(z, gamma, aw);
+      // positive column: z = x, so d/dz = d/dx
+      const A dz = pos && quality != nullptr ? quality_grad_x<A>(z, qi, gamma, aw) : grad_z<A>(z, gamma, aw);
       const A g = (pos ? dz : -dz) * gscale;
       grow[j] = static_cast<scalar_t>(g);
       const A ag = g < A(0) ? -g : g;
@@ -151,15 +167,23 @@ __global__ void __launch_bounds__(kThreads) efl_backward_kernel(
   }
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
-                  const at::Tensor& normalizer, double gamma_b, double scale) {
+// quality: undefined for EFL.
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                  const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale) {
   LTK_CHECK_CUDA(logits);
   LTK_CHECK_CUDA(labels);
   LTK_CHECK_CUDA(pos_neg);
   LTK_CHECK_CUDA(normalizer);
   for (const at::Tensor* t : {&labels, &pos_neg, &normalizer})
     TORCH_CHECK(t->device() == logits.device(), "all inputs must be on ", logits.device(), ", got ", t->device());
-  ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  if (quality.defined()) {
+    LTK_CHECK_CUDA(quality);
+    TORCH_CHECK(quality.device() == logits.device(), "all inputs must be on ", logits.device(), ", got ",
+                quality.device());
+    ltk::check_equalized_quality_focal_loss_args(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
+  } else {
+    ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
+  }
 }
 
 Params make_params(double gamma_b, double scale, double alpha) {
@@ -175,11 +199,10 @@ int64_t grid_size(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(n, static_cast<int64_t>(sms) * (2048 / kThreads)));
 }
 
-at::Tensor efl_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
-                            const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
-                            int64_t ignore_index, const std::optional<at::Tensor>& pos_grad,
-                            const std::optional<at::Tensor>& neg_grad) {
-  check_inputs(logits, labels, pos_neg, normalizer, gamma_b, scale);
+at::Tensor forward_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                        const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
+                        double alpha, int64_t ignore_index) {
+  check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), c = logits.size(1);
   const auto acc = acc_dtype(logits);
@@ -188,6 +211,7 @@ at::Tensor efl_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, 
   auto x = logits.contiguous();
   auto lab = labels.to(at::kLong).contiguous();
   auto g = pos_neg.to(acc).contiguous();
+  auto q = quality.defined() ? quality.to(acc).contiguous() : at::Tensor();
   const int64_t blocks = grid_size(n);
   auto partial = at::empty({blocks}, logits.options().dtype(acc));
   const Params p = make_params(gamma_b, scale, alpha);
@@ -195,18 +219,19 @@ at::Tensor efl_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, 
   LTK_DISPATCH_FLOATING(x.scalar_type(), "equalized_focal_loss_cuda", [&] {
     using A = ltk::acc_t<scalar_t>;
     LTK_LAUNCH(blocks, kThreads, 0, stream, efl_forward_kernel<scalar_t, A>)(
-        x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), g.const_data_ptr<A>(), n, c, p, ignore_index,
-        partial.data_ptr<A>());
+        x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), q.defined() ? q.const_data_ptr<A>() : nullptr,
+        g.const_data_ptr<A>(), n, c, p, ignore_index, partial.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return partial.sum() / norm;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                                 const at::Tensor& labels, const at::Tensor& pos_neg,
-                                                                 const at::Tensor& normalizer, double gamma_b,
-                                                                 double scale, double alpha, int64_t ignore_index) {
-  check_inputs(logits, labels, pos_neg, normalizer, gamma_b, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                             const at::Tensor& labels, const at::Tensor& quality,
+                                                             const at::Tensor& pos_neg, const at::Tensor& normalizer,
+                                                             double gamma_b, double scale, double alpha,
+                                                             int64_t ignore_index) {
+  check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), c = logits.size(1);
@@ -218,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tenso
   if (n == 0 || c == 0) return {grad, pos, neg};
   auto lab = labels.to(at::kLong).contiguous();
   auto g = pos_neg.to(acc).contiguous();
+  auto q = quality.defined() ? quality.to(acc).contiguous() : at::Tensor();
   // grad_loss / normalizer as a device scalar: no host sync
   auto gscale = (grad_loss.reshape({}).to(logits.device(), acc) / normalizer.reshape({}).to(acc)).contiguous();
   const int64_t blocks = grid_size(n);
@@ -236,13 +262,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tenso
     A* partial_ptr = partial.defined() ? partial.data_ptr<A>() : nullptr;
     if (use_smem) {
       LTK_LAUNCH(blocks, kThreads, smem, stream, efl_backward_kernel<scalar_t, A, true>)(
-          x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), g.const_data_ptr<A>(),
-          gscale.const_data_ptr<A>(), n, c, p, ignore_index, grad.data_ptr<scalar_t>(), pos.data_ptr<A>(),
+          x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), q.defined() ? q.const_data_ptr<A>() : nullptr,
+          g.const_data_ptr<A>(), gscale.const_data_ptr<A>(), n, c, p, ignore_index, grad.data_ptr<scalar_t>(), pos.data_ptr<A>(),
           neg.data_ptr<A>(), partial_ptr);
     } else {
       LTK_LAUNCH(blocks, kThreads, 0, stream, efl_backward_kernel<scalar_t, A, false>)(
-          x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), g.const_data_ptr<A>(),
-          gscale.const_data_ptr<A>(), n, c, p, ignore_index, grad.data_ptr<scalar_t>(), pos.data_ptr<A>(),
+          x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), q.defined() ? q.const_data_ptr<A>() : nullptr,
+          g.const_data_ptr<A>(), gscale.const_data_ptr<A>(), n, c, p, ignore_index, grad.data_ptr<scalar_t>(), pos.data_ptr<A>(),
           neg.data_ptr<A>(), nullptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -255,9 +281,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tenso
   return {grad, pos, neg};
 }
 
+at::Tensor efl_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
+                            const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
+                            int64_t ignore_index, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
+  return forward_cuda(logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                                 const at::Tensor& labels, const at::Tensor& pos_neg,
+                                                                 const at::Tensor& normalizer, double gamma_b,
+                                                                 double scale, double alpha, int64_t ignore_index) {
+  return backward_cuda(grad_loss, logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha,
+                       ignore_index);
+}
+
+at::Tensor eqfl_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                             const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
+                             double alpha, int64_t ignore_index, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&) {
+  return forward_cuda(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eqfl_backward_cuda(const at::Tensor& grad_loss,
+                                                                  const at::Tensor& logits, const at::Tensor& labels,
+                                                                  const at::Tensor& quality,
+                                                                  const at::Tensor& pos_neg,
+                                                                  const at::Tensor& normalizer, double gamma_b,
+                                                                  double scale, double alpha, int64_t ignore_index) {
+  return backward_cuda(grad_loss, logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ltkernels, CUDA, m) {
   m.impl("equalized_focal_loss", &efl_forward_cuda);
   m.impl("equalized_focal_loss_backward", &efl_backward_cuda);
+  m.impl("equalized_quality_focal_loss", &eqfl_forward_cuda);
+  m.impl("equalized_quality_focal_loss_backward", &eqfl_backward_cuda);
 }

@@ -1,4 +1,4 @@
-"""Equalized Focal Loss (SPEC.md section 2) with its per-class gradient statistics collected in the backward kernel.
+"""Equalized Focal Loss (docs/spec.md §2) with its per-class gradient statistics collected in the backward kernel.
 
 `EqualizedFocalLoss` keeps the buffers `pos_grad`, `neg_grad` and `pos_neg` (in `state_dict`). Each backward through
 its loss computes dL/dlogits and, in the same pass, the per-class sums of |dL/dlogits| over positive and negative
@@ -10,6 +10,8 @@ check), but never reach the buffers: a backward whose statistics are not all fin
 unchanged (decided on the device, without a sync).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -28,12 +30,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _default_normalizer(labels: torch.Tensor) -> torch.Tensor:
-    """max(positives, 1); in a distributed job max(positives summed over ranks / world size, 1). On the device."""
-    num_pos = (labels > 0).sum().to(torch.float32)
+def _default_normalizer(labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """max(positives, 1); in a distributed job max(positives summed over ranks, 1) / world size, as the official
+    code computes it (clamp first, then divide: a step with fewer positives than ranks gets 1 / world size, and
+    the gradients that DDP averages over ranks then sum to those of one process on the whole batch). On the
+    device. Rows labelled `ignore_index` are not positives, whatever its value."""
+    num_pos = ((labels > 0) & (labels != ignore_index)).sum().to(torch.float32)
     if _distributed():
         dist.all_reduce(num_pos)
-        num_pos = num_pos / dist.get_world_size()
+        return num_pos.clamp(min=1.0) / dist.get_world_size()
     return num_pos.clamp(min=1.0)
 
 
@@ -96,34 +101,38 @@ if has_op(_OP):
     torch.library.register_autograd("ltkernels::equalized_focal_loss", _backward, setup_context=_setup_context)
 
 
-def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: torch.Tensor | None = None,
-                         normalizer: float | torch.Tensor | None = None, gamma_b: float = 2.0, scale: float = 8.0,
-                         alpha: float = 0.25, ignore_index: int = -1, pos_grad: torch.Tensor | None = None,
-                         neg_grad: torch.Tensor | None = None, validate: bool | None = None,
-                         label_layout: str = "background_first") -> torch.Tensor:
-    """Equalized Focal Loss of `logits [N, C]` against `labels [N]` (0 = background, 1..C, `ignore_index` = ignored).
+def check_params(gamma_b: float, scale: float, alpha: float, ignore_index: int, num_classes: int) -> None:
+    """The scalar arguments of EFL / EQFL: finite gamma_b and scale, alpha in [0, 1] or -1 (no alpha_t), and an
+    ignore_index that is not a label (0..C)."""
+    for name, v in (("gamma_b", gamma_b), ("scale", scale)):
+        if not math.isfinite(float(v)):
+            raise ArgumentValueError(f"{name} must be a finite number, got {v}")
+    if not (0.0 <= float(alpha) <= 1.0 or float(alpha) == -1.0):
+        raise ArgumentValueError(f"alpha must lie in [0, 1] (or be -1: no alpha weighting), got {alpha}")
+    if 0 <= int(ignore_index) <= num_classes:
+        raise ArgumentValueError(f"ignore_index must not be a label (0..{num_classes}), got {ignore_index}")
 
-    loss = sum over non-ignored rows and classes of alpha_t * w_j * (1 - p_t)^gamma_j * (-log p_t) / normalizer,
-    gamma_j = gamma_b + scale * (1 - pos_neg[j]), w_j = gamma_j / gamma_b (SPEC.md section 2). With `scale=0` (or
-    `pos_neg=None`, i.e. all ones) this is sigmoid focal loss with gamma = gamma_b; `alpha < 0` disables alpha_t.
 
-    normalizer: None = max(#rows with label >= 1, 1) computed on the device (in a distributed job: positives summed
-    over ranks / world size, clamped to >= 1); a float or 0-d tensor is used as is.
-    pos_grad, neg_grad (with pos_neg): [C] statistics buffers; when given, backpropagating this loss adds the
-    per-class sums of |dL/dlogits| over positive / negative targets (all-reduced over ranks in a distributed job)
-    and refreshes pos_neg = clamp(pos_grad / (neg_grad + 1e-10), 0, 1), in place. `EqualizedFocalLoss` does this.
-    validate: check that labels are in range first (a host sync on CUDA). Default: on CPU in eager mode; the CPU
-    kernel raises on out-of-range labels anyway, and the CUDA kernel fails with a device-side assertion.
-    label_layout: "background_first" (the labels above) or "background_last" (mmdet / detectron2: classes 0..C-1,
-    background C; column j of logits is class j in both).
-    Returns a 0-d float32 tensor (float64 for float64 logits). Double backward (create_graph=True) raises.
-    """
+def check_unit_interval(name: str, t: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Every value of `t` (where `mask`) in [0, 1], NaN refused (a host sync)."""
+    v = t if mask is None else t[mask]
+    bad = ~((v >= 0) & (v <= 1))
+    if bool(bad.any()):
+        raise ArgumentValueError(f"{name} must lie in [0, 1], found {float(v[bad][0])}")
+
+
+def _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad, neg_grad, validate,
+             label_layout):
+    """Checks the arguments shared by EFL and EQFL; returns (labels background-first, pos_neg, normalizer 0-d
+    float32 on the logits' device). Data-dependent checks (label range, pos_neg and a tensor normalizer's values)
+    run when `validate` (default: CPU in eager mode)."""
     check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
     check_tensor("labels", labels, ndim=1, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
         raise ArgumentValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got {labels.shape[0]}")
     n, c = logits.shape
     convert = background_last(label_layout)
+    check_params(gamma_b, scale, alpha, ignore_index, c)
     if gamma_b < 0 or (scale != 0 and gamma_b <= 0):
         raise ArgumentValueError(f"gamma_b must be > 0 (or >= 0 with scale=0), got {gamma_b}")
     if scale < 0:
@@ -144,6 +153,8 @@ def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: to
     check_tensor("pos_neg", pos_neg, ndim=1, dtypes=FLOATING, device=logits.device)
     if pos_neg.shape[0] != c:
         raise ArgumentValueError(f"logits have {c} classes but pos_neg has {pos_neg.shape[0]} entries")
+    if validate:
+        check_unit_interval("pos_neg", pos_neg)
     if (pos_grad is None) != (neg_grad is None):
         raise ArgumentValueError("pass both pos_grad and neg_grad, or neither")
     if pos_grad is not None:
@@ -152,13 +163,47 @@ def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: to
             if t.shape[0] != c:
                 raise ArgumentValueError(f"logits have {c} classes but {name} has {t.shape[0]} entries")
     if normalizer is None:
-        normalizer = _default_normalizer(labels)
-    elif isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
-        normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
-    else:
-        normalizer = torch.tensor(float(normalizer), dtype=torch.float32, device=logits.device)
+        return labels, pos_neg, _default_normalizer(labels, ignore_index)
+    if not isinstance(normalizer, torch.Tensor):
+        value = float(normalizer)
+        if not value > 0:  # NaN too
+            raise ArgumentValueError(f"normalizer must be > 0, got {value}")
+        return labels, pos_neg, torch.tensor(value, dtype=torch.float32, device=logits.device)
+    if normalizer.numel() != 1:
+        raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+    normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
+    if validate and not bool(normalizer > 0):
+        raise ArgumentValueError(f"normalizer must be > 0, got {float(normalizer)}")
+    return labels, pos_neg, normalizer
+
+
+def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: torch.Tensor | None = None,
+                         normalizer: float | torch.Tensor | None = None, gamma_b: float = 2.0, scale: float = 8.0,
+                         alpha: float = 0.25, ignore_index: int = -1, pos_grad: torch.Tensor | None = None,
+                         neg_grad: torch.Tensor | None = None, validate: bool | None = None,
+                         label_layout: str = "background_first") -> torch.Tensor:
+    """Equalized Focal Loss of `logits [N, C]` against `labels [N]` (0 = background, 1..C, `ignore_index` = ignored).
+
+    loss = sum over non-ignored rows and classes of alpha_t * w_j * (1 - p_t)^gamma_j * (-log p_t) / normalizer,
+    gamma_j = gamma_b + scale * (1 - pos_neg[j]), w_j = gamma_j / gamma_b (docs/spec.md §2). With `scale=0` (or
+    `pos_neg=None`, i.e. all ones) this is sigmoid focal loss with gamma = gamma_b; `alpha=-1` disables alpha_t.
+
+    normalizer: None = max(#rows with label >= 1, 1) computed on the device (in a distributed job, as the official
+    code: max(positives summed over ranks, 1) / world size); a number or one-element tensor > 0 is used as is.
+    alpha: in [0, 1], or -1 for no alpha_t. ignore_index must not be a label (0..C). Values out of range (and NaN)
+    are refused with ArgumentValueError; the data-dependent ones (labels, pos_neg in [0, 1], a tensor normalizer)
+    when `validate`.
+    pos_grad, neg_grad (with pos_neg): [C] statistics buffers; when given, backpropagating this loss adds the
+    per-class sums of |dL/dlogits| over positive / negative targets (all-reduced over ranks in a distributed job)
+    and refreshes pos_neg = clamp(pos_grad / (neg_grad + 1e-10), 0, 1), in place. `EqualizedFocalLoss` does this.
+    validate: check that labels are in range first (a host sync on CUDA). Default: on CPU in eager mode; the CPU
+    kernel raises on out-of-range labels anyway, and the CUDA kernel fails with a device-side assertion.
+    label_layout: "background_first" (the labels above) or "background_last" (mmdet / detectron2: classes 0..C-1,
+    background C; column j of logits is class j in both).
+    Returns a 0-d float32 tensor (float64 for float64 logits). Double backward (create_graph=True) raises.
+    """
+    labels, pos_neg, normalizer = _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index,
+                                           pos_grad, neg_grad, validate, label_layout)
     return torch.ops.ltkernels.equalized_focal_loss(logits, labels, pos_neg, normalizer, float(gamma_b),
                                                     float(scale), float(alpha), int(ignore_index), pos_grad, neg_grad)
 
@@ -184,6 +229,7 @@ class EqualizedFocalLoss(nn.Module):
             raise ArgumentValueError(f"gamma_b must be > 0, got {gamma_b}")
         if scale < 0:
             raise ArgumentValueError(f"scale must be >= 0, got {scale}")
+        check_params(gamma_b, scale, alpha, ignore_index, int(num_classes))
         background_last(label_layout)  # validates the name
         self.label_layout = label_layout
         self.num_classes = int(num_classes)

@@ -1,4 +1,4 @@
-"""Equalized Focal Loss written from SPEC.md section 2 the way the official code computes it: a one-hot target
+"""Equalized Focal Loss written from docs/spec.md §2 the way the official code computes it: a one-hot target
 matrix, sigmoid, pow and log over the whole [N, C] block, autograd for the gradient, and the per-class statistics
 taken from the gradient that reaches the logits (here a tensor hook instead of the official module hook).
 
@@ -22,19 +22,20 @@ def efl_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = -1):
     return onehot.bool() & valid[:, None], valid
 
 
-def default_normalizer(labels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """max(positives, 1), or in a distributed job max(positives summed over ranks / world size, 1)."""
-    num_pos = (labels > 0).sum().to(dtype)
+def default_normalizer(labels: torch.Tensor, dtype=torch.float32, ignore_index: int = -1) -> torch.Tensor:
+    """max(positives, 1), or in a distributed job max(positives summed over ranks, 1) / world size (the official
+    code: clamp first, then divide)."""
+    num_pos = ((labels > 0) & (labels != ignore_index)).sum().to(dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(num_pos)
-        num_pos = num_pos / dist.get_world_size()
+        return num_pos.clamp(min=1) / dist.get_world_size()
     return num_pos.clamp(min=1)
 
 
 def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: torch.Tensor | None = None,
                          normalizer=None, gamma_b: float = 2.0, scale: float = 8.0, alpha: float = 0.25,
                          ignore_index: int = -1) -> torch.Tensor:
-    """The scalar loss of SPEC.md section 2 (differentiable in `logits`, nothing else)."""
+    """The scalar loss of docs/spec.md §2 (differentiable in `logits`, nothing else)."""
     n, c = logits.shape
     targets, valid = efl_targets(labels, c, ignore_index)
     targets = targets.to(logits.dtype)
@@ -50,7 +51,7 @@ def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: to
         cls_loss = alpha_t * cls_loss
     cls_loss = cls_loss * valid[:, None].to(logits.dtype)
     if normalizer is None:
-        normalizer = default_normalizer(labels, logits.dtype)
+        normalizer = default_normalizer(labels, logits.dtype, ignore_index)
     return cls_loss.sum() / normalizer
 
 
