@@ -7,6 +7,7 @@
   ltk eval --checkpoint CKPT --ann VAL.json --images DIR [--out DIR]
   ltk bench [...]                                                 the kernel benchmarks
   ltk configs                                                     list the named configs
+  ltk study efl [--out DIR] [--seeds 0 1 2] [--max-iter N]        focal vs EFL, QFL vs EQFL on ATSS, over seeds
 
 `ltk train` runs under torchrun as well: `torchrun --nproc_per_node=8 -m ltkernels.models.cli train ...`."""
 from __future__ import annotations
@@ -104,6 +105,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .engine.study import run_study
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_study(args.out, seeds=args.seeds, quick=args.quick, max_iter=args.max_iter, methods=args.methods,
+              device=args.device)
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data.synthetic import write_synthetic_lvis
 
@@ -165,8 +178,19 @@ def main(argv=None) -> int:
     _add_trust(e)
     sub.add_parser("bench", help="kernel benchmarks (arguments are forwarded: ltk bench --help)")
     sub.add_parser("configs", help="list the named configs")
+    st = sub.add_parser("study", help="measured comparisons over seeds").add_subparsers(dest="study", required=True)
+    se = st.add_parser("efl", help="focal loss vs EFL and QFL vs EQFL on the improved one-stage baseline (ATSS), "
+                                   "on the synthetic long-tail set, mean +- std over seeds")
+    se.add_argument("--out", default="ltk_study")
+    se.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    se.add_argument("--max-iter", type=int, help="iterations per run (default 1200)")
+    se.add_argument("--methods", nargs="+", choices=["focal", "efl", "qfl", "eqfl"])
+    se.add_argument("--quick", action="store_true", help="a smoke run (a few iterations, a small val set)")
+    se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    se.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    handler = {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs}
+    handler = {"demo": cmd_demo, "data": cmd_data, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
+               "study": cmd_study}
     try:
         return handler[args.command](args)
     except Exception as err:

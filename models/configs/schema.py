@@ -26,9 +26,10 @@ ALL_POSITIVE = (lambda v: all(x > 0 for x in v), "all > 0")
 
 @dataclass
 class ModelConfig:
-    type: str = _f("two_stage", choices=("two_stage", "one_stage"))
-    cls_loss: Optional[str] = _f(None, doc="softmax | bags (two-stage), focal | efl (one-stage); None: the "
-                                           "type's default", choices=(None, "softmax", "bags", "focal", "efl"))
+    type: str = _f("two_stage", choices=("two_stage", "one_stage", "atss"))
+    cls_loss: Optional[str] = _f(None, doc="softmax | bags (two-stage), focal | efl (one-stage), focal | efl | qfl | "
+                                           "eqfl (atss); None: the type's default",
+                                 choices=(None, "softmax", "bags", "focal", "efl", "qfl", "eqfl"))
     backbone: str = _f("tiny", doc="tiny | resnet18/34/50/101")
     pretrained_backbone: Optional[str] = _f(None, doc="ImageNet state_dict of the ResNet")
     trainable_layers: int = _f(3, (lambda v: 0 <= v <= 5, "in 0..5"))
@@ -64,6 +65,10 @@ class ModelConfig:
     focal_alpha: float = _f(0.25, FRACTION)
     efl_scale: float = _f(8.0, NON_NEGATIVE)
     efl_gamma_b: float = _f(2.0, POSITIVE)
+    atss_topk: int = _f(18, POSITIVE, doc="ATSS candidates per level and ground truth (9 per anchor scale)")
+    iou_branch: Optional[bool] = _f(None, doc="ATSS IoU-prediction branch; None: on for focal / efl, off for qfl / "
+                                              "eqfl")
+    giou_weight: float = _f(2.0, NON_NEGATIVE, doc="ATSS GIoU box loss weight")
 
 
 @dataclass
@@ -107,7 +112,8 @@ class TrainConfig:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "solver": SolverConfig, "train": TrainConfig}
 _TYPE_DEFAULTS = {"two_stage": {"cls_loss": "softmax", "score_thresh": 1e-4},
-                  "one_stage": {"cls_loss": "efl", "score_thresh": 0.05}}
+                  "one_stage": {"cls_loss": "efl", "score_thresh": 0.05},
+                  "atss": {"cls_loss": "efl", "score_thresh": 0.05}}
 
 
 def known_keys(section: str | None = None) -> list:

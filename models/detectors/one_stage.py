@@ -104,14 +104,18 @@ class OneStageDetector(nn.Module):
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
     @torch.no_grad()
-    def postprocess(self, cls_out, box_out, anchors, level_sizes, image_sizes):
+    def postprocess(self, cls_out, box_out, anchors, level_sizes, image_sizes, iou_out=None):
+        """`iou_out` (per level [N, H*W*A] IoU logits, optional): multiplied into the class probabilities."""
         num_a = self.anchor_generator.num_anchors_per_location()[0]
         split = [n * num_a for n in level_sizes]
         results = []
         for i, size in enumerate(image_sizes):
             boxes_all, scores_all, labels_all = [], [], []
-            for logits, deltas, a in zip(cls_out, box_out, anchors[i].split(split)):
-                scores = logits[i].float().sigmoid().flatten()
+            for lv, (logits, deltas, a) in enumerate(zip(cls_out, box_out, anchors[i].split(split))):
+                scores = logits[i].float().sigmoid()
+                if iou_out is not None:
+                    scores = scores * iou_out[lv][i].float().sigmoid()[:, None]
+                scores = scores.flatten()
                 cand = torch.where(scores > self.score_thresh)[0]
                 scores, order = scores[cand].topk(min(self.topk_candidates, len(cand)))
                 cand = cand[order]

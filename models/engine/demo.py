@@ -3,7 +3,7 @@
 1. two-stage Faster R-CNN FPN, softmax cross-entropy (the baseline);
 2. BAGS: the baseline with its classifier re-initialised and retrained with the group softmax loss;
 3. SimCal: the baseline plus a calibration classifier trained with bi-level sampling, dual-head inference;
-4. one-stage detector with sigmoid focal loss;
+4. the EFL paper's improved one-stage baseline (ATSS, IoU branch, GIoU) with sigmoid focal loss;
 5. the same with the equalized focal loss (EFL).
 All are evaluated with the LVIS API on the class-balanced validation split; a table, `metrics.json` and plots
 are written to `--out`."""
@@ -23,8 +23,8 @@ METHODS = [  # (run name, config, trained on top of)
     ("softmax", "two_stage_softmax", None),
     ("bags", "two_stage_bags", "softmax"),
     ("simcal", "two_stage_simcal", "softmax"),
-    ("focal", "one_stage_focal", None),
-    ("efl", "one_stage_efl", None),
+    ("focal", "atss_focal", None),
+    ("efl", "atss_efl", None),
 ]
 COLUMNS = ["AP", "AP50", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"]
 
