@@ -121,8 +121,8 @@ inline void check_multiclass_args(const at::Tensor& boxes, const at::Tensor& sco
   TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "boxes and scores must have the same dtype");
   TORCH_CHECK(image_index.scalar_type() == at::kLong && image_index.dim() == 1 && image_index.size(0) == n,
               "image_index must be an int64 tensor of shape [N]");
-  TORCH_CHECK_VALUE(num_images >= 0 && num_images <= kMaxImagesPerCall, "num_images must lie in [0, ",
-                    kMaxImagesPerCall, "], got ", num_images);
+  TORCH_CHECK(num_images >= 0 && num_images <= kMaxImagesPerCall, "num_images must lie in [0, ", kMaxImagesPerCall,
+              "], got ", num_images);
 }
 
 }  // namespace ltk::nms

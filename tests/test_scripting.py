@@ -27,7 +27,8 @@ def test_functions_match_eager(scripted):
     boxes, scores = _boxes(), torch.rand(30)
     assert torch.equal(scripted["nms"](boxes, scores, 0.3), ltkernels.nms(boxes, scores, 0.3))
     idxs = torch.randint(0, 4, (30,))
-    assert torch.equal(scripted["batched_nms"](boxes, scores, idxs, 0.3), ltkernels.batched_nms(boxes, scores, idxs, 0.3))
+    assert torch.equal(scripted["batched_nms"](boxes, scores, idxs, 0.3),
+                       ltkernels.batched_nms(boxes, scores, idxs, 0.3))
     cls_scores = torch.rand(30, 5)
     for got, want in zip(scripted["multiclass_nms"](boxes, cls_scores, 0.05, 0.5, 10, "background_last"),
                          ltkernels.multiclass_nms(boxes, cls_scores, 0.05, 0.5, 10, "background_last")):

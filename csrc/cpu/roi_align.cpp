@@ -95,8 +95,8 @@ void check_rois(const acc* rois, acc scale, const Dims& d) {
   for (int64_t k = 0; k < d.K; ++k) {
     const acc* roi = rois + 5 * k;
     const acc b = roi[0];
-    TORCH_CHECK_VALUE(std::isfinite(b) && b == std::trunc(b) && b >= 0 && b < static_cast<acc>(d.N),
-                      "roi_align: rois[", k, ", 0] (the batch index) must be an integer in [0, ", d.N, "), got ", b);
+    TORCH_CHECK(std::isfinite(b) && b == std::trunc(b) && b >= 0 && b < static_cast<acc>(d.N), "roi_align: rois[", k,
+                ", 0] (the batch index) must be an integer in [0, ", d.N, "), got ", b);
     if (d.sampling_ratio > 0) continue;
     const acc offset = d.aligned ? acc(0.5) : acc(0);
     acc h = (roi[4] * scale - offset) - (roi[2] * scale - offset);
@@ -105,9 +105,9 @@ void check_rois(const acc* rois, acc scale, const Dims& d) {
       h = ltk::roi_align::at_least_one(h);
       w = ltk::roi_align::at_least_one(w);
     }
-    TORCH_CHECK_VALUE(!ltk::roi_align::adaptive_grid_too_large(h, w, d.PH, d.PW), "roi_align: the RoI at row ", k,
-                      " needs an adaptive sampling grid of more than ", ltk::roi_align::kMaxAdaptiveSamples,
-                      " samples per bin; clip the boxes to the image or pass sampling_ratio > 0");
+    TORCH_CHECK(!ltk::roi_align::adaptive_grid_too_large(h, w, d.PH, d.PW), "roi_align: the RoI at row ", k,
+                " needs an adaptive sampling grid of more than ", ltk::roi_align::kMaxAdaptiveSamples,
+                " samples per bin; clip the boxes to the image or pass sampling_ratio > 0");
   }
 }
 

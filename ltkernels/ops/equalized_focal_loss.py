@@ -129,7 +129,8 @@ def _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_
     check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
     check_tensor("labels", labels, ndim=1, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
-        raise ArgumentValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got {labels.shape[0]}")
+        raise ArgumentValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got "
+                                 f"{labels.shape[0]}")
     n, c = logits.shape
     convert = background_last(label_layout)
     check_params(gamma_b, scale, alpha, ignore_index, c)
@@ -170,7 +171,8 @@ def _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_
             raise ArgumentValueError(f"normalizer must be > 0, got {value}")
         return labels, pos_neg, torch.tensor(value, dtype=torch.float32, device=logits.device)
     if normalizer.numel() != 1:
-        raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+        raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape "
+                                 f"{tuple(normalizer.shape)}")
     normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
     if validate and not bool(normalizer > 0):
         raise ArgumentValueError(f"normalizer must be > 0, got {float(normalizer)}")

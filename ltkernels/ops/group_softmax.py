@@ -63,7 +63,8 @@ class BalancedGroups:
         if len(groups) == 0:
             raise ArgumentValueError("class_groups must hold at least one class")
         if min(groups) < 1:
-            raise ArgumentValueError(f"class_groups must be >= 1 (group 0 is background-vs-foreground), got {min(groups)}")
+            raise ArgumentValueError(f"class_groups must be >= 1 (group 0 is background-vs-foreground), got "
+                                     f"{min(groups)}")
         used = sorted(set(groups))
         renumber = {g: i + 1 for i, g in enumerate(used)}
         groups = [renumber[g] for g in groups]

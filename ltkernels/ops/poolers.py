@@ -135,7 +135,7 @@ class MultiLevelRoIAlign(nn.Module):
     the finest level's scale.
     """
 
-    strides: Optional[List[int]]
+    _stride_list: Optional[List[int]]
 
     def __init__(self, output_size: BroadcastingList2[int], sampling_ratio: int = 2, canonical_scale: int = 224,
                  canonical_level: int = 4, aligned: bool = True, strides: Optional[List[int]] = (4, 8, 16, 32),
@@ -150,7 +150,8 @@ class MultiLevelRoIAlign(nn.Module):
         if strides is not None:
             strides = [int(s) for s in strides]
             _check_strides(strides)
-        self.strides = strides
+        self._stride_list = strides
+        self.strides = None if strides is None else tuple(strides)
 
     def levels(self, rois: Tensor, strides: List[int]) -> Tensor:
         """Index (0 = finest given) of the level each RoI [K, 5] is pooled from."""
@@ -162,7 +163,7 @@ class MultiLevelRoIAlign(nn.Module):
         """features: list of Tensor[N, C, H_l, W_l], fine to coarse. boxes: Tensor[K, 5] or a list of Tensor[L, 4].
         image_size: (height, width), or in eager mode also a list of them (the largest counts); only needed when
         strides=None."""
-        return _multilevel_roi_align(features, boxes, image_size, self.strides,
+        return _multilevel_roi_align(features, boxes, image_size, self._stride_list,
                                      [self.output_size[0], self.output_size[1]], self.sampling_ratio,
                                      self.aligned, float(self.canonical_scale), float(self.canonical_level),
                                      self.eps)

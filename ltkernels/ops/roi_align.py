@@ -55,7 +55,8 @@ def _check_scalars(spatial_scale: float, sampling_ratio: int) -> float:
         if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, torch.SymInt)):
             raise ArgumentTypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
         if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
-            raise ArgumentValueError(f"spatial_scale must be a positive finite number, got {type(spatial_scale).__name__} {spatial_scale}")
+            raise ArgumentValueError(f"spatial_scale must be a positive finite number, got "
+                                     f"{type(spatial_scale).__name__} {spatial_scale}")
     scale = float(spatial_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ArgumentValueError(f"spatial_scale must be a positive finite number, got {scale}")
