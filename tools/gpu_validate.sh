@@ -97,11 +97,11 @@ if want build; then
     if [ $rc -eq 0 ] && import_check >>"$OUT/build.log" 2>&1; then
       result build "ok: editable install in $((SECONDS - s)) s ($(import_check 2>/dev/null | tail -1 | cut -c1-160))"
     else
-      # Fallback: the developer build of the four ops, loaded through LTKERNELS_LIBRARY with the checkout on the
+      # Fallback: the developer build of every op, loaded through LTKERNELS_LIBRARY with the checkout on the
       # path (ltkernels.models resolves through a link to models/, as the installed package maps it).
       echo "## pip install failed (exit $rc): tools/dev_build.sh fallback" >>"$OUT/build.log"
       t=$(allot 240 200)
-      if lib=$(PYTHON="$python" timeout -k 10 "$t" tools/dev_build.sh roi_align,nms,group_softmax,equalized_focal_loss --cuda 2>>"$OUT/build.log"); then
+      if lib=$(PYTHON="$python" timeout -k 10 "$t" tools/dev_build.sh all --cuda 2>>"$OUT/build.log"); then
         export LTKERNELS_LIBRARY="$lib" PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
         [ -e ltkernels/models ] || ln -s ../models ltkernels/models
         if import_check >>"$OUT/build.log" 2>&1; then result build "ok: dev build $lib (pip install failed: exit $rc)"
