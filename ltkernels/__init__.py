@@ -8,10 +8,11 @@ from .ops.equalized_focal_loss import *  # noqa: F401,F403
 from .ops.equalized_quality_focal_loss import *  # noqa: F401,F403
 from .ops.group_softmax import *  # noqa: F401,F403
 from .ops.nms import *  # noqa: F401,F403
+from .ops.paste_masks import *  # noqa: F401,F403
 from .ops.poolers import *  # noqa: F401,F403
 from .ops.roi_align import *  # noqa: F401,F403
 from .ops import (equalized_focal_loss as _efl, equalized_quality_focal_loss as _eqfl, group_softmax as _gs,
-                  nms as _nms, poolers as _pl, roi_align as _ra)
+                  nms as _nms, paste_masks as _pm, poolers as _pl, roi_align as _ra)
 from ._validate import ArgumentTypeError, ArgumentValueError, BoxesShapeError
 from .torchvision_compat import TorchvisionPatch, patch_torchvision
 
@@ -19,4 +20,4 @@ __version__ = build_info()["version"]
 
 __all__ = ["build_info", "has_cuda_kernels", "LibraryMismatchError", "__version__", "ArgumentTypeError",
            "ArgumentValueError", "BoxesShapeError", "patch_torchvision", "TorchvisionPatch", *_efl.__all__,
-           *_eqfl.__all__, *_gs.__all__, *_nms.__all__, *_pl.__all__, *_ra.__all__]
+           *_eqfl.__all__, *_gs.__all__, *_nms.__all__, *_pm.__all__, *_pl.__all__, *_ra.__all__]
