@@ -11,6 +11,15 @@ the evaluator of `backend` (iou type "bbox") and returns
   >= 1000 (the BAGS / SimCal bins);
 - `AR@300` (recall), `per_class_ap` {category id: AP}, `num_detections`, `num_images`.
 
+Mask evaluation (iou type "segm", Mask R-CNN): when the detections carry `segmentations` (one COCO RLE per box, in
+original image pixels, e.g. from `ltkernels.paste_masks_chunks` and `models.data.masks.masks_to_rle`), each result
+also holds its `segmentation` and the same evaluator runs a second time on the masks; the mask metrics come beside
+the box metrics under the same names prefixed `mask_` (`mask_AP`, `mask_AP50`, ..., `mask_APr`, `mask_AP1..4`,
+`mask_AR@300`, `mask_per_class_ap`), computed by the same code.  The box keys are unchanged.  As detectron2 does,
+the mask results are evaluated without their `bbox`, so that a detection's area (small / medium / large) is its
+mask's area, not its box's.  The ground truth's `segmentation` (polygons or RLE) is the reference; its `area` gives
+the ground truth's area range, as for boxes.
+
 A per-class AP is the mean of the evaluator's precision `eval['precision'][T, R, K, A]` (faster-coco-eval:
 `[T, R, K, A, M]` with one M) over the IoU thresholds T and the 101 recall thresholds R for area 'all', ignoring
 -1 entries; it is -1.0 for a class with no ground truth in the evaluated file.  Every aggregate is in [0, 1],
@@ -53,13 +62,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["evaluate_detections", "detections_to_results", "instance_bin", "BIN_EDGES", "METRIC_KEYS", "BACKENDS"]
+__all__ = ["evaluate_detections", "detections_to_results", "instance_bin", "BIN_EDGES", "METRIC_KEYS", "BACKENDS",
+           "MASK_PREFIX", "IOU_TYPES"]
 
 logger = logging.getLogger(__name__)
 
 BIN_EDGES = (10, 100, 1000)  # AP1: < 10, AP2: [10, 100), AP3: [100, 1000), AP4: >= 1000 training instances
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
 BACKENDS = ("lvis", "faster-coco-eval")
+IOU_TYPES = ("bbox", "segm")
+MASK_PREFIX = "mask_"  # the segm metrics' keys: MASK_PREFIX + a box metric's key
 # the area ranges of lvis-api's Params (its 'all' range, [0, 1e10], is the one faster-coco-eval adds itself)
 AREA_RANGES = {"small": [0 ** 2, 32 ** 2], "medium": [32 ** 2, 96 ** 2], "large": [96 ** 2, 1e5 ** 2]}
 
@@ -86,7 +98,8 @@ def _to_numpy(x, dtype) -> np.ndarray:
 
 def detections_to_results(detections: List[dict], max_dets: int = 300,
                           label_to_category_id: Optional[Dict[int, int]] = None) -> List[dict]:
-    """Per-image detections -> LVIS result list (xywh boxes, at most `max_dets` per image by score)."""
+    """Per-image detections -> LVIS result list (xywh boxes, at most `max_dets` per image by score); a detection
+    dict with `segmentations` (a list of RLE dicts, one per box) adds each one's `segmentation`."""
     results = []
     for det in detections:
         img_id = int(det["image_id"])
@@ -96,6 +109,9 @@ def detections_to_results(detections: List[dict], max_dets: int = 300,
         if not (len(boxes) == len(scores) == len(labels)):
             raise ValueError("image %d: boxes, scores and labels differ in length (%d, %d, %d)"
                              % (img_id, len(boxes), len(scores), len(labels)))
+        segs = det.get("segmentations")
+        if segs is not None and len(segs) != len(boxes):
+            raise ValueError("image %d: %d segmentations for %d boxes" % (img_id, len(segs), len(boxes)))
         order = np.argsort(-scores, kind="stable")
         if max_dets is not None and max_dets >= 0:
             order = order[:max_dets]
@@ -105,10 +121,19 @@ def detections_to_results(detections: List[dict], max_dets: int = 300,
             cid = labels_l[j]
             if label_to_category_id is not None:
                 cid = int(label_to_category_id[cid])
-            results.append({"image_id": img_id, "category_id": cid,
-                            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                            "score": round(scores_l[j], 6)})
+            res = {"image_id": img_id, "category_id": cid,
+                   "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                   "score": round(scores_l[j], 6)}
+            if segs is not None:
+                res["segmentation"] = _rle_json(segs[j])
+            results.append(res)
     return results
+
+
+def _rle_json(rle: dict) -> dict:
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def _lvis_compatible(gt: dict) -> dict:
@@ -192,7 +217,7 @@ def _import_faster_coco_eval():
     return COCO, COCOeval_faster
 
 
-def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: int):
+def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: int, iou_type: str = "bbox"):
     """lvis-api: (summary {AP.., AR@N, ARs@N..}, precision [T, R, K] for area 'all', category ids of K)."""
     _np_compat()
     from lvis import LVIS, LVISEval, LVISResults
@@ -214,7 +239,7 @@ def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: i
                 warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls the deprecated logger.warn
                 # LVISResults adds id / area / segmentation to each result in place: copy the dicts
                 dt = LVISResults(lvis_gt, [dict(r) for r in results], max_dets=max_dets)
-                ev = LVISEval(lvis_gt, dt, iou_type="bbox")
+                ev = LVISEval(lvis_gt, dt, iou_type=iou_type)
                 ev.params.max_dets = max_dets
                 ev.run()
         finally:
@@ -226,7 +251,7 @@ def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: i
     return summary, ev.eval["precision"][:, :, :, 0], list(ev.params.cat_ids)
 
 
-def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int):
+def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int, iou_type: str = "bbox"):
     """faster-coco-eval in LVIS mode: the same triple as `_run_lvis` (see the module docstring for the rules)."""
     COCO, COCOeval_faster = _import_faster_coco_eval()
     if any(a.get("iscrowd") or a.get("ignore") for a in gt["annotations"]):
@@ -240,7 +265,7 @@ def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int):
     coco_gt = COCO(gt, print_function=quiet)  # indexes `gt` without copying it (sets 'ignore' on its annotations)
     # loadRes adds id / area (w * h, as LVISResults) / segmentation / iscrowd to each result in place: copy them
     coco_dt = coco_gt.loadRes([dict(r) for r in results])
-    ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=True, ranges=copy.deepcopy(AREA_RANGES),
+    ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, lvis_style=True, ranges=copy.deepcopy(AREA_RANGES),
                          print_function=quiet)
     # one maxDets value (its default is [1, 10, 100]); "no limit" (max_dets < 0): the number of results
     ev.params.maxDets = [max_dets if max_dets >= 0 else max(len(results), 1)]
@@ -258,7 +283,8 @@ def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int):
 def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optional[str] = None,
                         max_dets: int = 300, backend: str = "lvis",
                         label_to_category_id: Optional[Dict[int, int]] = None,
-                        train_instance_counts: Optional[Dict[int, int]] = None) -> dict:
+                        train_instance_counts: Optional[Dict[int, int]] = None,
+                        segm: Optional[bool] = None) -> dict:
     """Evaluate detections against an LVIS (or COCO) GT file; see the module docstring for the metrics.
 
     `detections`: list of {"image_id", "boxes" [K, 4] x1y1x2y2 original pixels, "scores" [K], "labels" [K]}
@@ -266,6 +292,8 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
     `train_instance_counts` overrides the categories' `instance_count` for the AP1..AP4 bins.
     `backend`: "lvis" (the official lvis-api) or "faster-coco-eval" (its LVIS mode, in C++; the same metrics, see
     the module docstring); the latter raises ImportError when the faster-coco-eval package cannot be imported.
+    `segm`: evaluate masks too (the `mask_` keys); by default when the detections carry `segmentations` (each
+    detection dict a list of RLE dicts, one per box, at the original image size), which then all must.
     Writes `metrics.json` and `results.json` into `out_dir` when given.
     """
     if backend not in BACKENDS:
@@ -299,26 +327,50 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
         logger.warning("%s: categories carry no instance_count; AP1..AP4 use the GT file's own counts",
                        gt_ann_file)
 
-    if not results:
-        metrics = _empty_metrics(gt, train_counts)
-    else:
-        if backend == "lvis":
-            summary, precision, eval_cat_ids = _run_lvis(gt, gt_ann_file if gt is raw_gt else None, results,
-                                                         max_dets)
+    with_segm = sum("segmentation" in r for r in results)
+    if with_segm and with_segm != len(results):
+        raise ValueError("%d of the %d detections carry a segmentation: give every detection one (mask "
+                         "evaluation) or none" % (with_segm, len(results)))
+    segm = bool(with_segm) if segm is None else bool(segm)
+    if segm:
+        if results and not with_segm:
+            raise ValueError("segm=True but the detections carry no segmentations")
+        no_seg = sum(1 for a in gt["annotations"] if not a.get("segmentation"))
+        if no_seg:
+            raise ValueError("%s: %d ground-truth annotations have no segmentation, so masks cannot be evaluated"
+                             % (gt_ann_file, no_seg))
+
+    def run(res: List[dict], iou_type: str) -> dict:
+        if not res:
+            m = _empty_metrics(gt, train_counts)
         else:
-            summary, precision, eval_cat_ids = _run_faster_coco_eval(gt, results, max_dets)
-        metrics = {("AR@300" if k.startswith("AR@") else k): v for k, v in summary.items()}
-        metrics.update(_class_metrics(precision, eval_cat_ids, train_counts))
+            if backend == "lvis":
+                summary, precision, eval_cat_ids = _run_lvis(gt, gt_ann_file if gt is raw_gt else None, res,
+                                                             max_dets, iou_type)
+            else:  # the segm evaluation converts the ground truth's segmentations in place: give it a copy
+                summary, precision, eval_cat_ids = _run_faster_coco_eval(
+                    gt if iou_type == "bbox" else copy.deepcopy(gt), res, max_dets, iou_type)
+            m = {("AR@300" if k.startswith("AR@") else k): v for k, v in summary.items()}
+            m.update(_class_metrics(precision, eval_cat_ids, train_counts))
+        for k in METRIC_KEYS:
+            v = m[k]
+            m[k] = -1.0 if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v)
+        return m
+
+    metrics = run(results, "bbox")
+    if segm:  # masks without boxes: a detection's area is its mask's (see the module docstring)
+        mask_metrics = run([{k: v for k, v in r.items() if k != "bbox"} for r in results], "segm")
+        metrics.update({MASK_PREFIX + k: v for k, v in mask_metrics.items()})
     metrics["num_detections"] = len(results)
     metrics["num_images"] = len(gt_img_ids)
-    for k in METRIC_KEYS:
-        v = metrics[k]
-        metrics[k] = -1.0 if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v)
 
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        out = {k: v for k, v in metrics.items() if k != "per_class_ap"}
-        out["per_class_ap"] = {str(k): v for k, v in metrics["per_class_ap"].items()}
+        per_class_keys = ("per_class_ap", MASK_PREFIX + "per_class_ap")
+        out = {k: v for k, v in metrics.items() if k not in per_class_keys}
+        for key in per_class_keys:
+            if key in metrics:
+                out[key] = {str(k): v for k, v in metrics[key].items()}
         out["train_instance_counts"] = {str(k): int(train_counts.get(k, 0)) for k in cat_ids}
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(out, f, indent=1)
