@@ -1,4 +1,4 @@
-// Equalized Focal Loss (SPEC.md section 2): forward loss and a backward that also returns the per-class gradient
+// Equalized Focal Loss (docs/spec.md §2): forward loss and a backward that also returns the per-class gradient
 // statistics of that backward. The statistics buffers themselves are updated in Python (after an optional
 // all-reduce), see ltkernels/ops/equalized_focal_loss.py.
 #include <torch/library.h>

@@ -91,6 +91,7 @@ def test_lvis_groups(version, sizes):
     import json
     cats = json.loads(path.read_text())["categories"]
     assert BalancedGroups.from_lvis(cats) == G == BalancedGroups.from_lvis(str(path))
+    assert BalancedGroups.from_lvis(version) == G  # the bundled statistics by version name
     counts = {c["id"]: c["instance_count"] for c in cats}
     assert all(counts[int(c)] < 10 for c in G.members(1))
     assert all(counts[int(c)] >= 1000 for c in G.members(4))

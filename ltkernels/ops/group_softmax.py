@@ -1,4 +1,4 @@
-"""Balanced Group Softmax (BAGS, SPEC.md section 1): the group layout, the training loss and the inference scores.
+"""Balanced Group Softmax (BAGS, docs/spec.md §1): the group layout, the training loss and the inference scores.
 
 Data flow of the loss (no host synchronisation, no Python loop over groups):
 
@@ -22,16 +22,36 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import Dict, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._ext import has_op
-from .._validate import (FLOATING, ArgumentTypeError, ArgumentValueError, background_last, check_labels,
-                         check_tensor, refuse_double_backward, to_background_first)
+from ..data import LVIS_VERSIONS, lvis_categories
+from .._validate import (ArgumentTypeError, ArgumentValueError, background_last, check_labels, check_tensor,
+                         floating_dtypes, refuse_double_backward, to_background_first)
 
-__all__ = ["BalancedGroups", "GroupSoftmaxLoss", "group_softmax_loss", "group_softmax_scores",
+__all__ = ["BalancedGroups", "GroupTables", "GroupSoftmaxLoss", "group_softmax_loss", "group_softmax_scores",
            "group_softmax_selection"]
+
+
+@torch.jit.script
+class GroupTables:
+    """TorchScript's type of a group layout: the sizes and tables of :class:`BalancedGroups` that the loss and
+    the scores read. A `BalancedGroups` is accepted wherever a scripted function takes a `GroupTables` (TorchScript
+    copies these attributes from it); annotate TorchScript code's layout arguments with this class."""
+
+    def __init__(self, num_classes: int, num_groups: int, num_logits: int, label_group: Tensor,
+                 label_position: Tensor, score_column: Tensor, group_offsets: Tensor, label_targets: Tensor):
+        self.num_classes = num_classes
+        self.num_groups = num_groups
+        self.num_logits = num_logits
+        self.label_group = label_group
+        self.label_position = label_position
+        self.score_column = score_column
+        self.group_offsets = group_offsets
+        self.label_targets = label_targets
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -98,6 +118,11 @@ class BalancedGroups:
         self.label_position = torch.tensor(label_position, dtype=torch.int64)
         self.score_column = torch.tensor(score_column, dtype=torch.int64)
         self.column_label = torch.tensor(column_label, dtype=torch.int64)
+        # [C + 1, G + 1]: target column of each label in every group (group 0: 0 = bg, 1 = fg)
+        targets = torch.zeros(self.num_classes + 1, self.num_groups + 1, dtype=torch.int64)
+        targets[1:, 0] = 1
+        targets[torch.arange(1, self.num_classes + 1), self.label_group[1:]] = self.label_position[1:]
+        self.label_targets = targets
         self._offsets_list = offsets
         self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
@@ -120,9 +145,11 @@ class BalancedGroups:
 
     @classmethod
     def from_lvis(cls, source, bounds: Sequence[float] = (10, 100, 1000)) -> "BalancedGroups":
-        """From an LVIS annotation file (or a category-statistics file with a ``categories`` list), its parsed
-        dict, or a list of category dicts; each category needs ``id`` and ``instance_count`` and the ids must be
-        exactly 1..C (category id == label)."""
+        """From an LVIS version's bundled statistics ("v0.5" or "v1"), an LVIS annotation file (or a
+        category-statistics file with a ``categories`` list), its parsed dict, or a list of category dicts; each
+        category needs ``id`` and ``instance_count`` and the ids must be exactly 1..C (category id == label)."""
+        if isinstance(source, str) and source in LVIS_VERSIONS:
+            source = lvis_categories(source)
         if isinstance(source, (str, os.PathLike)):
             with open(source) as f:
                 source = json.load(f)
@@ -160,14 +187,9 @@ class BalancedGroups:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._cache:
-            tables = {name: getattr(self, name).to(device) for name in
-                      ("label_group", "label_position", "score_column", "group_offsets", "column_label")}
-            # [C + 1, G + 1]: target column of each label in every group (group 0: 0 = bg, 1 = fg)
-            targets = torch.zeros(self.num_classes + 1, self.num_groups + 1, dtype=torch.int64)
-            targets[1:, 0] = 1
-            targets[torch.arange(1, self.num_classes + 1), self.label_group[1:]] = self.label_position[1:]
-            tables["label_targets"] = targets.to(device)
-            self._cache[device] = tables
+            self._cache[device] = {name: getattr(self, name).to(device) for name in
+                                   ("label_group", "label_position", "score_column", "group_offsets",
+                                    "column_label", "label_targets")}
         return self._cache[device]
 
     def _check_group(self, g: int, low: int) -> None:
@@ -190,6 +212,8 @@ class BalancedGroups:
 # --------------------------------------------------------------------------------------------------------------
 def _plain_cpu(t: torch.Tensor) -> bool:
     """A real CPU tensor outside any tracing (compile, export, fake or proxy modes): reading its value is free."""
+    if torch.jit.is_scripting():
+        return t.device.type == "cpu"
     return (t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
             and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
             and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
@@ -200,27 +224,29 @@ def _check_groups(groups) -> None:
         raise ArgumentTypeError(f"groups must be a ltkernels.BalancedGroups, got {type(groups).__name__}")
 
 
-def _check_logits(logits: torch.Tensor, groups: BalancedGroups) -> None:
-    check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
-    if logits.shape[1] != groups.num_logits:
+def _check_logits(logits: Tensor, num_classes: int, num_groups: int) -> None:
+    check_tensor("logits", logits, ndim=2, dtypes=floating_dtypes())
+    num_logits = num_classes + num_groups + 2
+    if logits.shape[1] != num_logits:
         raise ArgumentValueError(
-            f"logits has {logits.shape[1]} columns but the group layout has {groups.num_logits} logits "
-            f"(C + G + 2 = {groups.num_classes} + {groups.num_groups} + 2)")
+            f"logits has {logits.shape[1]} columns but the group layout has {num_logits} logits "
+            f"(C + G + 2 = {num_classes} + {num_groups} + 2)")
 
 
-def _check_labels(labels: torch.Tensor, logits: torch.Tensor, groups: BalancedGroups, ignore_index: int) -> None:
+def _check_labels(labels: Tensor, logits: Tensor, num_classes: int, ignore_index: int) -> None:
     check_tensor("labels", labels, ndim=1, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
         raise ArgumentValueError(f"labels has {labels.shape[0]} rows but logits has {logits.shape[0]}")
-    if 0 <= ignore_index <= groups.num_classes:
-        raise ArgumentValueError(f"ignore_index must not be a label (0..{groups.num_classes}), got {ignore_index}")
+    if 0 <= ignore_index <= num_classes:
+        raise ArgumentValueError(f"ignore_index must not be a label (0..{num_classes}), got {ignore_index}")
     # No host synchronisation on an accelerator (or while tracing): there the check fails at the next sync.
-    check_labels("labels", labels, groups.num_classes, ignore_index, sync=_plain_cpu(labels))
+    check_labels("labels", labels, num_classes, ignore_index, sync=_plain_cpu(labels))
 
 
-def _check_ratio(others_ratio) -> float:
-    if isinstance(others_ratio, bool) or not isinstance(others_ratio, (int, float)):
-        raise ArgumentTypeError(f"others_ratio must be a number, got {type(others_ratio).__name__}")
+def _check_ratio(others_ratio: float) -> float:
+    if not torch.jit.is_scripting():
+        if isinstance(others_ratio, bool) or not isinstance(others_ratio, (int, float)):
+            raise ArgumentTypeError(f"others_ratio must be a number, got {type(others_ratio).__name__}")
     ratio = float(others_ratio)
     if not ratio >= 0:
         raise ArgumentValueError(f"others_ratio must be >= 0 (math.inf: take every other row), got {others_ratio}")
@@ -230,7 +256,7 @@ def _check_ratio(others_ratio) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # Sampling: pure torch ops on the device
 # --------------------------------------------------------------------------------------------------------------
-def _row_groups(labels, tables, ignore_index):
+def _row_groups(labels: Tensor, tables: Dict[str, Tensor], ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """lab [N] int64 (ignored rows -> 0), valid [N] bool, counts [G + 2] int64 (rows per group 0..G, then ignored),
     positive [G, N] bool. Every op here is O(N) or O(G N) and none reads back to the host."""
     valid = labels != ignore_index
@@ -244,7 +270,8 @@ def _row_groups(labels, tables, ignore_index):
     return lab, valid, counts, positive
 
 
-def _select(valid, counts, positive, ratio, generator):
+def _select(valid: Tensor, counts: Tensor, positive: Tensor, ratio: float,
+            generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
     """(selected [G + 1, N] bool, scale [G + 1] float64: 1 / |selected rows of g|, 0 for an empty group).
 
     The draw: one uniform permutation of all G * N (group, row) pairs; the relative order of each group's pairs in
@@ -275,22 +302,41 @@ def _select(valid, counts, positive, ratio, generator):
     return selected, scale
 
 
-def group_softmax_selection(labels: torch.Tensor, groups: BalancedGroups, others_ratio: float = 8.0,
-                            generator: torch.Generator | None = None, ignore_index: int = -1,
-                            label_layout: str = "background_first") -> torch.Tensor:
+def _tables(groups: GroupTables, device: torch.device) -> Dict[str, Tensor]:
+    """The layout's tensors on `device`: the cached copies of a BalancedGroups in eager mode; in TorchScript
+    copied at each call unless already there (the modules keep theirs as buffers on the device)."""
+    if not torch.jit.is_scripting() and not isinstance(groups, GroupTables):
+        _check_groups(groups)
+        return groups.tables(device)
+    return {"label_group": groups.label_group.to(device), "label_position": groups.label_position.to(device),
+            "score_column": groups.score_column.to(device), "group_offsets": groups.group_offsets.to(device),
+            "label_targets": groups.label_targets.to(device)}
+
+
+def _check_generator(generator: Optional[torch.Generator], logits: Tensor) -> None:
+    if generator is not None:
+        if not torch.jit.is_scripting():
+            if not isinstance(generator, torch.Generator):
+                raise ArgumentTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != logits.device.type:
+            raise ArgumentValueError(f"generator is on {generator.device} but logits are on {logits.device}")
+
+
+def group_softmax_selection(labels: Tensor, groups: GroupTables, others_ratio: float = 8.0,
+                            generator: Optional[torch.Generator] = None, ignore_index: int = -1,
+                            label_layout: str = "background_first") -> Tensor:
     """The [G + 1, N] bool mask of the rows that take part in each group's loss (docs/spec.md §1).
 
     Row 0: every non-ignored row. Row g >= 1: the rows labelled with a class of g, plus
     min(floor(n_pos * others_ratio), n_eligible) rows drawn uniformly without replacement from the other
     non-ignored rows; empty when g has no positive row. With the same `generator` state, `group_softmax_loss`
-    draws exactly this selection.
+    draws exactly this selection. `groups`: a BalancedGroups (in TorchScript a GroupTables).
     """
-    _check_groups(groups)
+    tables = _tables(groups, labels.device)
     check_tensor("labels", labels, ndim=1)
     ratio = _check_ratio(others_ratio)
     if background_last(label_layout):
         labels = to_background_first(labels, groups.num_classes, ignore_index)
-    tables = groups.tables(labels.device)
     _, valid, counts, positive = _row_groups(labels, tables, ignore_index)
     return _select(valid, counts, positive, ratio, generator)[0]
 
@@ -298,31 +344,33 @@ def group_softmax_selection(labels: torch.Tensor, groups: BalancedGroups, others
 # --------------------------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------------------------
-def group_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, groups: BalancedGroups,
-                       others_ratio: float = 8.0, generator: torch.Generator | None = None,
-                       ignore_index: int = -1, label_layout: str = "background_first") -> torch.Tensor:
+def group_softmax_loss(logits: Tensor, labels: Tensor, groups: GroupTables, others_ratio: float = 8.0,
+                       generator: Optional[torch.Generator] = None, ignore_index: int = -1,
+                       label_layout: str = "background_first") -> Tensor:
     """The BAGS training loss (scalar, in the logits' dtype) of `logits` [N, C + G + 2] for `labels` [N].
 
     `others_ratio`: others drawn per positive row of a group (`math.inf`: all of them, no sampling).
-    `generator`: a `torch.Generator` on the logits' device makes the draw reproducible (eager mode only).
+    `generator`: a `torch.Generator` on the logits' device makes the draw reproducible.
+    `groups`: a BalancedGroups (in TorchScript code a GroupTables, which a BalancedGroups passes for).
     Labels must be in 0..C or equal `ignore_index`: 0 = background, 1..C the classes, or with
     `label_layout="background_last"` (mmdet / detectron2) classes 0..C-1 and background C (the logit layout and
     `instance_counts` are the same in both: class order). Gradients reach only the rows and columns that
-    contributed. Double backward (create_graph=True) raises.
+    contributed. Double backward (create_graph=True) raises. Scriptable.
     """
-    _check_groups(groups)
-    _check_logits(logits, groups)
+    tables = _tables(groups, logits.device)
+    return _loss(logits, labels, tables, groups.num_classes, groups.num_groups, others_ratio, generator,
+                 ignore_index, label_layout)
+
+
+def _loss(logits: Tensor, labels: Tensor, tables: Dict[str, Tensor], num_classes: int, num_groups: int,
+          others_ratio: float, generator: Optional[torch.Generator], ignore_index: int, label_layout: str) -> Tensor:
+    _check_logits(logits, num_classes, num_groups)
     convert = background_last(label_layout)
-    _check_labels(labels, logits, groups, ignore_index)
+    _check_labels(labels, logits, num_classes, ignore_index)
     if convert:
-        labels = to_background_first(labels, groups.num_classes, ignore_index)
+        labels = to_background_first(labels, num_classes, ignore_index)
     ratio = _check_ratio(others_ratio)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise ArgumentTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != logits.device.type:
-            raise ArgumentValueError(f"generator is on {generator.device} but logits are on {logits.device}")
-    tables = groups.tables(logits.device)
+    _check_generator(generator, logits)
     lab, valid, counts, positive = _row_groups(labels, tables, ignore_index)
     selected, scale = _select(valid, counts, positive, ratio, generator)
     scale = scale.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
@@ -333,7 +381,13 @@ def group_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, groups: Balan
 
 class GroupSoftmaxLoss(nn.Module):
     """BAGS loss as a module. Give `instance_counts` (``counts[c - 1]`` for label c, split by `bounds`) or a ready
-    `groups` layout; ``.groups`` is the :class:`BalancedGroups` in use. `label_layout` as in `group_softmax_loss`."""
+    `groups` layout; ``.groups`` is the :class:`BalancedGroups` in use. `label_layout` as in `group_softmax_loss`.
+
+    The tables the loss reads are buffers (`label_group`, `label_targets`, `group_offsets`; not in `state_dict`:
+    they follow from the layout), so the module moves with `.to(device)` and scripts (torch.jit.script) to the
+    same loss, gradients and, with a `generator` in the same state, the same draw."""
+
+    __jit_ignored_attributes__ = ["groups"]
 
     def __init__(self, instance_counts=None, groups: BalancedGroups | None = None,
                  bounds: Sequence[float] = (10, 100, 1000), others_ratio: float = 8.0, ignore_index: int = -1,
@@ -345,15 +399,20 @@ class GroupSoftmaxLoss(nn.Module):
             groups = BalancedGroups.from_instance_counts(instance_counts, bounds)
         _check_groups(groups)
         self.groups = groups
+        self.num_classes = groups.num_classes
+        self.num_groups = groups.num_groups
+        for name in ("label_group", "label_targets", "group_offsets"):
+            self.register_buffer(name, getattr(groups, name).clone(), persistent=False)
         self.others_ratio = _check_ratio(others_ratio)
         self.ignore_index = int(ignore_index)
         background_last(label_layout)  # validates the name
         self.label_layout = label_layout
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return group_softmax_loss(logits, labels, self.groups, self.others_ratio, generator, self.ignore_index,
-                                  self.label_layout)
+    def forward(self, logits: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        tables = {"label_group": self.label_group, "label_targets": self.label_targets,
+                  "group_offsets": self.group_offsets}
+        return _loss(logits, labels, tables, self.num_classes, self.num_groups, self.others_ratio, generator,
+                     self.ignore_index, self.label_layout)
 
     def extra_repr(self) -> str:
         return (f"groups={self.groups!r}, others_ratio={self.others_ratio}, ignore_index={self.ignore_index}, "
@@ -363,16 +422,15 @@ class GroupSoftmaxLoss(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Inference scores
 # --------------------------------------------------------------------------------------------------------------
-def group_softmax_scores(logits: torch.Tensor, groups: BalancedGroups,
-                         label_layout: str = "background_first") -> torch.Tensor:
+def group_softmax_scores(logits: Tensor, groups: GroupTables, label_layout: str = "background_first") -> Tensor:
     """[N, C + 1] probabilities in the logits' dtype: softmax inside every group; the background probability is
     group 0's, class c of group g scores softmax_g[c] * P(foreground). The `others` columns are dropped and nothing
     is renormalised. Differentiable. Columns: background first, then the classes (label order); with
-    `label_layout="background_last"` the classes first and background last (mmdet / detectron2)."""
-    _check_groups(groups)
-    _check_logits(logits, groups)
+    `label_layout="background_last"` the classes first and background last (mmdet / detectron2). Scriptable
+    (`groups` typed GroupTables there, a BalancedGroups passes for it)."""
+    t = _tables(groups, logits.device)
+    _check_logits(logits, groups.num_classes, groups.num_groups)
     last = background_last(label_layout)
-    t = groups.tables(logits.device)
     scores = torch.ops.ltkernels.group_softmax_scores(logits, t["group_offsets"], t["label_group"],
                                                       t["score_column"])
     return torch.cat([scores[:, 1:], scores[:, :1]], dim=1) if last else scores
