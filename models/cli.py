@@ -146,8 +146,13 @@ def _print_metrics(m: dict) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # forwarded untouched to the benchmark suite
-        from .benchmarking import main as bench_main
-
+        try:
+            from .benchmarking import main as bench_main
+        except ImportError:  # development tooling: not in the wheel
+            print("ltk bench: the benchmarks run from a checkout of the ltkernels repository (they are not part of "
+                  "the installed package): `pip install --no-build-isolation -e <checkout>` and run it there",
+                  file=sys.stderr)
+            return 2
         return bench_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="ltk", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"ltk {_version()}")
@@ -193,11 +198,21 @@ def main(argv=None) -> int:
                "study": cmd_study}
     try:
         return handler[args.command](args)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] not in _MODELS_EXTRA:
+            raise
+        print(f"ltk {args.command}: error: this command needs the Python package '{err.name.split('.')[0]}' "
+              "of the `models` extra: pip install 'ltkernels[models]' (or the package alone)", file=sys.stderr)
+        return 2
     except Exception as err:
         if not _is_user_error(err):
             raise
         print(f"ltk {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+# The import names of the `models` extra (pyproject.toml): the detectors, data, evaluation and training need them.
+_MODELS_EXTRA = {"torchvision", "tqdm", "lvis", "pycocotools", "faster_coco_eval", "matplotlib", "PIL", "tensorboard"}
 
 
 def _is_user_error(err: Exception) -> bool:

@@ -56,3 +56,36 @@ def test_tests_cannot_read_beside_the_checkout(tmp_path):
         os.listdir(root.parent)
     (tmp_path / "f").write_text("ok")  # elsewhere (temporary folders, the installed packages) is allowed
     assert (root / "pyproject.toml").read_text()
+
+
+def test_cli_names_the_missing_extra(monkeypatch, capsys):
+    from ltkernels.models import cli
+
+    def needs_lvis(args):
+        raise ModuleNotFoundError("No module named 'lvis'", name="lvis")
+
+    monkeypatch.setattr(cli, "cmd_configs", needs_lvis)
+    assert cli.main(["configs"]) == 2
+    assert "pip install 'ltkernels[models]'" in capsys.readouterr().err
+
+    def needs_other(args):
+        raise ModuleNotFoundError("No module named 'notapackage'", name="notapackage")
+
+    monkeypatch.setattr(cli, "cmd_configs", needs_other)
+    with pytest.raises(ModuleNotFoundError):  # not ours to explain: the traceback stays
+        cli.main(["configs"])
+
+
+def test_wheel_metadata_pins_the_torch_minor_it_was_built_against():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "build_metadata.py"
+    spec = importlib.util.spec_from_file_location("build_metadata", path)
+    meta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(meta)
+    assert meta.torch_requirement("2.14.1+cu130") == "torch==2.14.*"
+    assert meta.torch_requirement("2.11.0") == "torch==2.11.*"
+    deps = meta.dynamic_metadata("dependencies")
+    assert deps[0] == meta.torch_requirement(torch.__version__) and "numpy" in deps
+    assert not any(d.startswith(("torchvision", "tqdm", "lvis")) for d in deps)  # the models extra's
