@@ -178,3 +178,109 @@ def test_ground_truth_without_segmentations_refuses_mask_evaluation(tmp_path):
     json.dump(data, open(path, "w"))
     with pytest.raises(ValueError, match="no segmentation"):
         evaluate_detections(str(path), _dets(anns))
+
+
+# ---- predict() and a trained Mask R-CNN ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from ltkernels.models.data.synthetic import write_synthetic_lvis
+
+    return write_synthetic_lvis(str(tmp_path_factory.mktemp("synth")), num_classes=6, num_train_images=16,
+                                num_val_images=4, image_size=(64, 64), seed=1)
+
+
+class _FixedMaskModel(torch.nn.Module):
+    """Returns the same two detections (boxes in the transformed image) with mask probabilities for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask_head = torch.nn.Identity()
+        g = torch.Generator().manual_seed(0)
+        self.masks = torch.rand(2, 28, 28, generator=g)
+        self.boxes = torch.tensor([[10.0, 20.0, 90.0, 70.0], [-8.0, 30.5, 60.25, 140.0]])
+
+    def forward(self, images):
+        return [{"boxes": self.boxes.clone(), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
+                 "masks": self.masks.clone()} for _ in images]
+
+
+def test_predict_pastes_masks_at_the_original_size(synth):
+    import ltkernels
+    from ltkernels.models.configs import get_config
+    from ltkernels.models.engine.trainer import build_dataset, predict
+
+    data_cfg = dict(get_config("two_stage_mask_softmax")["data"], min_size=128, max_size=128)
+    ds = build_dataset(synth["val_ann"], synth["image_root"], data_cfg, train=False)
+    model = _FixedMaskModel()
+    dets = predict(model, ds, torch.device("cpu"), batch_size=3)
+    assert len(dets) == len(ds)
+    for d in dets:
+        h, w = ds[[i for i in range(len(ds)) if ds[i][1]["image_id"] == d["image_id"]][0]][1]["orig_size"]
+        scale = 128 / min(h, w)
+        assert torch.allclose(d["boxes"], model.boxes / scale)
+        want = ltkernels.paste_masks(model.masks, model.boxes / scale, (h, w))
+        assert len(d["segmentations"]) == 2
+        got = np.stack([mask_api.decode(dict(r, counts=r["counts"].encode())) for r in d["segmentations"]])
+        assert got.shape == (2, h, w) and np.array_equal(got.astype(bool), want.numpy())
+
+
+def test_tiny_mask_rcnn_trains_and_evaluates_masks(synth, tmp_path, capsys):
+    from ltkernels.models.configs import get_config, merge
+    from ltkernels.models.engine.trainer import evaluate, format_metrics, train
+
+    cfg = merge(get_config("two_stage_mask_softmax"), {
+        "model": {"mask_head_channels": 16}, "data": {"min_size": 64, "max_size": 64},
+        "solver": {"max_iter": 4, "batch_size": 4, "warmup_iters": 2, "steps": []}, "train": {"eval": True}})
+    out = str(tmp_path / "run")
+    res = train(cfg, synth["train_ann"], synth["image_root"], out, val_ann=synth["val_ann"], progress=False,
+                log=lambda *a: None)
+    m = res["metrics"]
+    for k in METRIC_KEYS:
+        assert -1.0 <= m[k] <= 1.0 and -1.0 <= m[MASK_PREFIX + k] <= 1.0, k
+    assert "mask_per_class_ap" in m and "mask_AR@300" in m
+    line = format_metrics(m)
+    assert line.startswith("box AP ") and "  |  mask AP " in line and line.count("AP75") == 2
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results and all("segmentation" in r for r in results)
+    val = json.load(open(synth["val_ann"]))
+    sizes = {im["id"]: [im["height"], im["width"]] for im in val["images"]}
+    assert all(r["segmentation"]["size"] == sizes[r["image_id"]] for r in results)
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["mask_AP"] == pytest.approx(m["mask_AP"])
+    # the faster-coco-eval backend on the same model: the same numbers
+    pytest.importorskip("faster_coco_eval")
+    f = evaluate(res["model"], synth["val_ann"], synth["image_root"], cfg["data"], torch.device("cpu"),
+                 backend="faster-coco-eval", category_ids=res["meta"]["category_ids"])
+    for k in METRIC_KEYS:
+        assert f[MASK_PREFIX + k] == pytest.approx(m[MASK_PREFIX + k], abs=1e-9), k
+
+
+MASK_CONFIGS = [f"{p}_{c}" for p in ("two_stage_mask", "lvis_v0.5_mask_rcnn", "lvis_v1_mask_rcnn")
+                for c in ("softmax", "bags", "simcal")]
+
+
+@pytest.mark.parametrize("name", MASK_CONFIGS)
+def test_mask_configs_build_and_are_listed(name, capsys):
+    from ltkernels.models.cli import main as ltk
+    from ltkernels.models.configs import get_config
+    from ltkernels.models.detectors import build_model
+
+    cfg = get_config(name)
+    base = get_config(name.replace("two_stage_mask", "two_stage").replace("mask_rcnn", "two_stage"))
+    assert cfg["model"]["mask_head"] and cfg["train"]["stage"] == base["train"]["stage"]
+    assert {k: v for k, v in cfg["model"].items() if not k.startswith("mask_head")} == \
+        {k: v for k, v in base["model"].items() if not k.startswith("mask_head")}
+    assert cfg["solver"] == base["solver"] and cfg["data"] == base["data"]
+    n = 6 if name.startswith("two_stage") else (1230 if "v0.5" in name else 1203)
+    model = build_model(cfg["model"], n, [(7 * c) % 1500 + 1 for c in range(1, n + 1)]).eval()
+    assert model.mask_head is not None and model.mask_head.predictor.out_channels == n
+    if cfg["train"]["stage"] != "base":
+        model.freeze_for_stage(cfg["train"]["stage"])
+        assert not any(p.requires_grad for p in model.mask_head.parameters())
+    if n == 6:  # a forward pass of the R50-FPN models with ~1200 random classes takes ~15 s each: not here
+        with torch.no_grad():
+            out = model([torch.randn(3, 96, 128)])
+        assert out[0]["masks"].shape[1:] == (28, 28) and len(out[0]["masks"]) == len(out[0]["boxes"])
+    assert ltk(["configs"]) == 0
+    assert name in capsys.readouterr().out

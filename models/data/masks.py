@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["MASK_DEFECTS", "check_segmentation", "rasterize", "masks_to_rle"]
+__all__ = ["MASK_DEFECTS", "check_segmentation", "rasterize", "masks_to_rle", "paste_to_rle"]
 
 MASK_DEFECTS = {
     "bad_polygon_odd": "segmentations with a polygon of an odd number of coordinates",
@@ -132,4 +132,20 @@ def masks_to_rle(masks: torch.Tensor) -> List[dict]:
     rles = mask_api.encode(arr)
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def paste_to_rle(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5,
+                 chunk_size: int = 32) -> List[dict]:
+    """Mask probabilities [K, M, M] of boxes [K, 4] (x1y1x2y2 image pixels) -> K COCO RLE dicts at image_size (h, w):
+    pasted by `ltkernels.paste_masks_chunks` (`chunk_size` full-size masks at a time, one reused buffer) and encoded
+    chunk by chunk, so memory stays bounded with 300 detections of a large image."""
+    import ltkernels
+
+    if masks.shape[0] == 0:
+        return []
+    rles: List[dict] = []
+    for _, chunk in ltkernels.paste_masks_chunks(masks.float(), boxes.to(masks.device).float(), image_size,
+                                                 threshold, chunk_size=chunk_size):
+        rles.extend(masks_to_rle(chunk))
     return rles

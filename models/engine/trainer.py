@@ -394,12 +394,23 @@ def train(cfg: dict, train_ann: str, image_root: str, out_dir: str, val_ann: str
 def format_metrics(m: dict) -> str:
     """`AP 23.1  AP50 ...`; a metric without ground truth to measure it (-1 in the LVIS API) prints n/a."""
     keys = ["AP", "AP50", "AP75", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"]
-    return "  ".join(f"{k} {100 * m[k]:.1f}" if m[k] == m[k] and m[k] >= 0 else f"{k} n/a" for k in keys if k in m)
+
+    def fmt(prefix):
+        return "  ".join(f"{k} {100 * m[prefix + k]:.1f}" if m[prefix + k] == m[prefix + k] and m[prefix + k] >= 0
+                         else f"{k} n/a" for k in keys if prefix + k in m)
+    line = fmt("")
+    if "mask_AP" in m:  # Mask R-CNN: the mask metrics after the box metrics
+        line = f"box {line}  |  mask {fmt('mask_')}"
+    return line
 
 
 @torch.no_grad()
 def predict(model, dataset, device, batch_size: int = 8, progress: bool = False) -> list:
-    """Detections of this rank's share of `dataset`, boxes in original image coordinates."""
+    """Detections of this rank's share of `dataset`, boxes in original image coordinates; a Mask R-CNN's masks
+    pasted at the original image size and encoded as RLE ("segmentations", one per box, see
+    `data.masks.paste_to_rle`)."""
+    from ..data.masks import paste_to_rle
+
     model.eval()
     out = []
     indices = list(range(du.rank(), len(dataset), du.world_size()))
@@ -407,9 +418,12 @@ def predict(model, dataset, device, batch_size: int = 8, progress: bool = False)
         images, targets = _collate([dataset[i] for i in indices[s: s + batch_size]])
         dets = model([im.to(device) for im in images])
         for d, t in zip(dets, targets):
-            boxes = d["boxes"].float().cpu() / float(t.get("scale", 1.0))
-            out.append({"image_id": int(t["image_id"]), "boxes": boxes, "scores": d["scores"].float().cpu(),
-                        "labels": d["labels"].cpu()})
+            boxes = d["boxes"].float() / float(t.get("scale", 1.0))
+            det = {"image_id": int(t["image_id"]), "boxes": boxes.cpu(), "scores": d["scores"].float().cpu(),
+                   "labels": d["labels"].cpu()}
+            if "masks" in d:
+                det["segmentations"] = paste_to_rle(d["masks"], boxes, tuple(t["orig_size"]))
+            out.append(det)
     return out
 
 
@@ -431,7 +445,8 @@ def evaluate(model, ann_file: str, image_root: str, data_cfg: dict, device, out_
     metrics = None
     if du.is_main():
         metrics = evaluate_detections(ann_file, dets, out_dir=out_dir, max_dets=300, backend=backend,
-                                      label_to_category_id=mapping)
+                                      label_to_category_id=mapping,
+                                      segm=getattr(model, "mask_head", None) is not None)
     du.barrier()
     return metrics
 
