@@ -125,6 +125,16 @@ for _loss in ("focal", "efl", "qfl", "eqfl"):
                                             solver={"lr": 0.01, "max_iter": 180000, "steps": [120000, 160000],
                                                     "warmup_iters": 6000, "clip_grad": 35.0})
 
+# ------------------------------------------------------------------------- Mask R-CNN (instance segmentation)
+# The two-stage configs with the mask branch (model.mask_head); the BAGS / SimCal stages retrain the classifier of
+# a trained mask baseline (--base) and keep its mask head frozen, as in the papers. Evaluation adds mask AP.
+for _name, _new in (("two_stage_{}", "two_stage_mask_{}"), ("lvis_v0.5_two_stage_{}", "lvis_v0.5_mask_rcnn_{}"),
+                    ("lvis_v1_two_stage_{}", "lvis_v1_mask_rcnn_{}")):
+    for _cls in ("softmax", "bags", "simcal"):
+        _base = copy.deepcopy(CONFIGS[_name.format(_cls)])
+        _base["model"].update(mask_head=True, mask_head_channels=_base["model"]["fpn_channels"])
+        CONFIGS[_new.format(_cls)] = _base
+
 
 def get_config(name_or_path: str) -> dict:
     """A complete, checked copy (see `schema.resolve`) of a named config, or of the config in a JSON file
