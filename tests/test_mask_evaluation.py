@@ -248,6 +248,13 @@ def test_tiny_mask_rcnn_trains_and_evaluates_masks(synth, tmp_path, capsys):
     assert all(r["segmentation"]["size"] == sizes[r["image_id"]] for r in results)
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["mask_AP"] == pytest.approx(m["mask_AP"])
+    # ltk eval on the checkpoint prints the same box and mask metrics
+    from ltkernels.models.cli import main as ltk
+
+    capsys.readouterr()
+    assert ltk(["eval", "--checkpoint", res["checkpoint"], "--ann", synth["val_ann"], "--images",
+                synth["image_root"], "--device", "cpu"]) == 0
+    assert format_metrics(m) in capsys.readouterr().out
     # the faster-coco-eval backend on the same model: the same numbers
     pytest.importorskip("faster_coco_eval")
     f = evaluate(res["model"], synth["val_ann"], synth["image_root"], cfg["data"], torch.device("cpu"),
