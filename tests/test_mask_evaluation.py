@@ -178,6 +178,13 @@ def test_ground_truth_without_segmentations_refuses_mask_evaluation(tmp_path):
     json.dump(data, open(path, "w"))
     with pytest.raises(ValueError, match="no segmentation"):
         evaluate_detections(str(path), _dets(anns))
+    for key in ("neg_category_ids", "not_exhaustive_category_ids"):  # a COCO-format file: the same refusal
+        for im in data["images"]:
+            del im[key]
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ValueError, match="no segmentation"):
+        evaluate_detections(str(path), _dets(anns))
+    assert evaluate_detections(str(path), _dets(anns), segm=False)["AP"] == pytest.approx(1.0)
 
 
 # ---- predict() and a trained Mask R-CNN ------------------------------------------------------------------------

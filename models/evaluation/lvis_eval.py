@@ -335,7 +335,8 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
     if segm:
         if results and not with_segm:
             raise ValueError("segm=True but the detections carry no segmentations")
-        no_seg = sum(1 for a in gt["annotations"] if not a.get("segmentation"))
+        # the raw file's annotations: the COCO conversion gives box outlines to those without one
+        no_seg = sum(1 for a in raw_gt["annotations"] if not a.get("segmentation") and not a.get("iscrowd", 0))
         if no_seg:
             raise ValueError("%s: %d ground-truth annotations have no segmentation, so masks cannot be evaluated"
                              % (gt_ann_file, no_seg))
