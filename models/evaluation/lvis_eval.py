@@ -1,4 +1,4 @@
-"""Box (and mask) evaluation with the official `lvis` evaluator (or faster-coco-eval), plus the instance-count bins AP1..AP4.
+"""Box and mask evaluation with the official `lvis` evaluator (or faster-coco-eval), plus the bins AP1..AP4.
 
 `evaluate_detections(gt_ann_file, detections)` converts per-image detections (x1y1x2y2 boxes in original image
 pixels, scores, category ids) to LVIS results (xywh, at most `max_dets` per image, best scores first), runs
