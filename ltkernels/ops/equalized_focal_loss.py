@@ -12,14 +12,15 @@ unchanged (decided on the device, without a sync).
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from .._ext import has_op
-from .._validate import (FLOATING, ArgumentTypeError, ArgumentValueError, background_last, check_labels,
-                         check_tensor, refuse_double_backward, to_background_first)
+from .._validate import (ArgumentTypeError, ArgumentValueError, background_last, check_labels, check_tensor,
+                         dtype_name, floating_dtypes, refuse_double_backward, to_background_first)
 
 __all__ = ["equalized_focal_loss", "EqualizedFocalLoss"]
 
@@ -27,7 +28,15 @@ _OP = "equalized_focal_loss"
 
 
 def _distributed() -> bool:
+    if torch.jit.is_scripting():  # the scripted default normalizer reaches torch.distributed through an op
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _compiling() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()
 
 
 def _default_normalizer(labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
@@ -68,6 +77,17 @@ def _(pos_grad, neg_grad, pos_neg, pos_step, neg_step):
     return None
 
 
+@torch.library.custom_op("ltkernels::equalized_focal_loss_default_normalizer", mutates_args=())
+def _default_normalizer_op(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """`_default_normalizer` as an op, so that a scripted loss all-reduces the positive count as eager does."""
+    return _default_normalizer(labels, ignore_index)
+
+
+@_default_normalizer_op.register_fake
+def _(labels, ignore_index):
+    return labels.new_empty((), dtype=torch.float32)
+
+
 if has_op(_OP):
 
     @torch.library.register_fake("ltkernels::equalized_focal_loss")
@@ -104,16 +124,17 @@ if has_op(_OP):
 def check_params(gamma_b: float, scale: float, alpha: float, ignore_index: int, num_classes: int) -> None:
     """The scalar arguments of EFL / EQFL: finite gamma_b and scale, alpha in [0, 1] or -1 (no alpha_t), and an
     ignore_index that is not a label (0..C)."""
-    for name, v in (("gamma_b", gamma_b), ("scale", scale)):
-        if not math.isfinite(float(v)):
-            raise ArgumentValueError(f"{name} must be a finite number, got {v}")
+    if not math.isfinite(float(gamma_b)):
+        raise ArgumentValueError(f"gamma_b must be a finite number, got {gamma_b}")
+    if not math.isfinite(float(scale)):
+        raise ArgumentValueError(f"scale must be a finite number, got {scale}")
     if not (0.0 <= float(alpha) <= 1.0 or float(alpha) == -1.0):
         raise ArgumentValueError(f"alpha must lie in [0, 1] (or be -1: no alpha weighting), got {alpha}")
     if 0 <= int(ignore_index) <= num_classes:
         raise ArgumentValueError(f"ignore_index must not be a label (0..{num_classes}), got {ignore_index}")
 
 
-def check_unit_interval(name: str, t: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def check_unit_interval(name: str, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
     """Every value of `t` (where `mask`) in [0, 1], NaN refused (a host sync)."""
     v = t if mask is None else t[mask]
     bad = ~((v >= 0) & (v <= 1))
@@ -121,17 +142,24 @@ def check_unit_interval(name: str, t: torch.Tensor, mask: torch.Tensor | None = 
         raise ArgumentValueError(f"{name} must lie in [0, 1], found {float(v[bad][0])}")
 
 
-def _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad, neg_grad, validate,
-             label_layout):
+def _check_buffer(name: str, t: Tensor, logits: Tensor) -> None:
+    check_tensor(name, t, ndim=1, dtypes=floating_dtypes(), device=logits.device)
+    if t.shape[0] != logits.shape[1]:
+        raise ArgumentValueError(f"logits have {logits.shape[1]} classes but {name} has {t.shape[0]} entries")
+
+
+def _prepare(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor], normalizer: Optional[Union[float, Tensor]],
+             gamma_b: float, scale: float, alpha: float, ignore_index: int, pos_grad: Optional[Tensor],
+             neg_grad: Optional[Tensor], validate: Optional[bool], label_layout: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Checks the arguments shared by EFL and EQFL; returns (labels background-first, pos_neg, normalizer 0-d
     float32 on the logits' device). Data-dependent checks (label range, pos_neg and a tensor normalizer's values)
     run when `validate` (default: CPU in eager mode)."""
-    check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
+    check_tensor("logits", logits, ndim=2, dtypes=floating_dtypes())
     check_tensor("labels", labels, ndim=1, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
         raise ArgumentValueError(f"labels must have {logits.shape[0]} entries (one per row of logits), got "
                                  f"{labels.shape[0]}")
-    n, c = logits.shape
+    c = logits.shape[1]
     convert = background_last(label_layout)
     check_params(gamma_b, scale, alpha, ignore_index, c)
     if gamma_b < 0 or (scale != 0 and gamma_b <= 0):
@@ -140,30 +168,28 @@ def _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_
         raise ArgumentValueError(f"scale must be >= 0, got {scale}")
     if validate is None:
         # the CPU kernel raises on out-of-range labels too, so a compiled graph (no data-dependent check) stays safe
-        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+        validate = logits.device.type == "cpu" and not _compiling()
     if validate:
         check_labels("labels", labels, c, ignore_index)
-    elif labels.dtype not in (torch.int64, torch.int32):
-        raise ArgumentTypeError(f"labels must be int64 or int32, got {str(labels.dtype).replace('torch.', '')}")
+    elif labels.dtype not in [torch.int64, torch.int32]:
+        raise ArgumentTypeError(f"labels must be int64 or int32, got {dtype_name(labels.dtype)}")
     if convert:
         labels = to_background_first(labels, c, ignore_index)
     if pos_neg is None:
         if pos_grad is not None or neg_grad is not None:
             raise ArgumentValueError("pos_grad and neg_grad need pos_neg (the three statistics buffers go together)")
         pos_neg = torch.ones(c, dtype=torch.float32, device=logits.device)
-    check_tensor("pos_neg", pos_neg, ndim=1, dtypes=FLOATING, device=logits.device)
-    if pos_neg.shape[0] != c:
-        raise ArgumentValueError(f"logits have {c} classes but pos_neg has {pos_neg.shape[0]} entries")
+    _check_buffer("pos_neg", pos_neg, logits)
     if validate:
         check_unit_interval("pos_neg", pos_neg)
-    if (pos_grad is None) != (neg_grad is None):
+    if pos_grad is not None and neg_grad is not None:
+        _check_buffer("pos_grad", pos_grad, logits)
+        _check_buffer("neg_grad", neg_grad, logits)
+    elif pos_grad is not None or neg_grad is not None:
         raise ArgumentValueError("pass both pos_grad and neg_grad, or neither")
-    if pos_grad is not None:
-        for name, t in (("pos_grad", pos_grad), ("neg_grad", neg_grad)):
-            check_tensor(name, t, ndim=1, dtypes=FLOATING, device=logits.device)
-            if t.shape[0] != c:
-                raise ArgumentValueError(f"logits have {c} classes but {name} has {t.shape[0]} entries")
     if normalizer is None:
+        if torch.jit.is_scripting():
+            return labels, pos_neg, torch.ops.ltkernels.equalized_focal_loss_default_normalizer(labels, ignore_index)
         return labels, pos_neg, _default_normalizer(labels, ignore_index)
     if not isinstance(normalizer, torch.Tensor):
         value = float(normalizer)
@@ -172,18 +198,18 @@ def _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_
         return labels, pos_neg, torch.tensor(value, dtype=torch.float32, device=logits.device)
     if normalizer.numel() != 1:
         raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape "
-                                 f"{tuple(normalizer.shape)}")
-    normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
+                                 f"{list(normalizer.shape)}")
+    normalizer = normalizer.detach().reshape([]).to(device=logits.device, dtype=torch.float32)
     if validate and not bool(normalizer > 0):
         raise ArgumentValueError(f"normalizer must be > 0, got {float(normalizer)}")
     return labels, pos_neg, normalizer
 
 
-def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: torch.Tensor | None = None,
-                         normalizer: float | torch.Tensor | None = None, gamma_b: float = 2.0, scale: float = 8.0,
-                         alpha: float = 0.25, ignore_index: int = -1, pos_grad: torch.Tensor | None = None,
-                         neg_grad: torch.Tensor | None = None, validate: bool | None = None,
-                         label_layout: str = "background_first") -> torch.Tensor:
+def equalized_focal_loss(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor] = None,
+                         normalizer: Optional[Union[float, Tensor]] = None, gamma_b: float = 2.0, scale: float = 8.0,
+                         alpha: float = 0.25, ignore_index: int = -1, pos_grad: Optional[Tensor] = None,
+                         neg_grad: Optional[Tensor] = None, validate: Optional[bool] = None,
+                         label_layout: str = "background_first") -> Tensor:
     """Equalized Focal Loss of `logits [N, C]` against `labels [N]` (0 = background, 1..C, `ignore_index` = ignored).
 
     loss = sum over non-ignored rows and classes of alpha_t * w_j * (1 - p_t)^gamma_j * (-log p_t) / normalizer,
@@ -203,6 +229,7 @@ def equalized_focal_loss(logits: torch.Tensor, labels: torch.Tensor, pos_neg: to
     label_layout: "background_first" (the labels above) or "background_last" (mmdet / detectron2: classes 0..C-1,
     background C; column j of logits is class j in both).
     Returns a 0-d float32 tensor (float64 for float64 logits). Double backward (create_graph=True) raises.
+    Scriptable (torch.jit.script), with the same checks, statistics updates and distributed behaviour.
     """
     labels, pos_neg, normalizer = _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index,
                                            pos_grad, neg_grad, validate, label_layout)
@@ -244,7 +271,7 @@ class EqualizedFocalLoss(nn.Module):
         return (f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, scale={self.scale}, alpha={self.alpha}, "
                 f"ignore_index={self.ignore_index}, label_layout={self.label_layout!r}")
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer=None) -> torch.Tensor:
+    def forward(self, logits: Tensor, labels: Tensor, normalizer: Optional[Union[float, Tensor]] = None) -> Tensor:
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
             raise ArgumentValueError(f"logits have {logits.shape[1]} classes but the loss was built for "
                              f"num_classes={self.num_classes}")
