@@ -11,16 +11,17 @@ ValueError; the kernels check them in their own pass (no extra host sync).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .._ext import has_op
-from .._validate import (FLOATING, ArgumentTypeError, ArgumentValueError, background_last, check_tensor,
+from .._validate import (ArgumentTypeError, ArgumentValueError, background_last, check_tensor,
                          dtype_name, floating_dtypes)
 
-__all__ = ["nms", "batched_nms", "multiclass_nms", "batched_multiclass_nms", "MAX_IMAGES_PER_CALL"]
+__all__ = ["nms", "batched_nms", "multiclass_nms", "batched_multiclass_nms", "batched_multiclass_nms_concat",
+           "MAX_IMAGES_PER_CALL"]
 
 # The kernels keep per-image bookkeeping: num_images is bounded so a wrong value fails clearly instead of
 # exhausting memory.
@@ -180,22 +181,93 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_threshold: float = 1e-4,
     return b, s, labels, rows
 
 
-def _check_num_images(num_images, image_index: Tensor) -> int:
+def _check_num_images(num_images: Optional[int], image_index: Tensor) -> int:
     """num_images: None (one more than the largest index) or an int in [max index + 1, MAX_IMAGES_PER_CALL]."""
     if num_images is None:
-        return int(image_index.max()) + 1 if image_index.numel() else 0
-    if isinstance(num_images, bool) or not isinstance(num_images, int):
-        raise ArgumentTypeError(f"num_images must be an int or None, got {type(num_images).__name__}")
-    if not 0 <= num_images <= MAX_IMAGES_PER_CALL:
-        raise ArgumentValueError(f"num_images must lie in [0, {MAX_IMAGES_PER_CALL}] (MAX_IMAGES_PER_CALL), got "
-                                 f"{num_images}")
+        return int(image_index.max()) + 1 if image_index.numel() > 0 else 0
+    if not torch.jit.is_scripting():
+        if isinstance(num_images, bool) or not isinstance(num_images, int):
+            raise ArgumentTypeError(f"num_images must be an int or None, got {type(num_images).__name__}")
+    limit = 1 << 24  # MAX_IMAGES_PER_CALL (TorchScript cannot read module-level constants)
+    if not 0 <= num_images <= limit:
+        raise ArgumentValueError(f"num_images must lie in [0, {limit}] (MAX_IMAGES_PER_CALL), got {num_images}")
     return num_images
 
 
-def batched_multiclass_nms(boxes, scores, image_index: torch.Tensor | None = None, num_images: int | None = None,
+def _batch_rows(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
+                image_index: Optional[Tensor], num_images: Optional[int]
+                ) -> Tuple[Tensor, Tensor, Tensor, int, Optional[Tensor]]:
+    """(boxes, scores, image_index, num_images, row within its image or None) of either input form."""
+    if not torch.jit.is_scripting():
+        # eager mode also takes tuples; TorchScript's Union[Tensor, List[Tensor]] checks the types itself
+        if isinstance(scores, tuple):
+            scores = list(scores)
+        if isinstance(boxes, tuple):
+            boxes = list(boxes)
+        if isinstance(scores, list) and not isinstance(boxes, list):
+            raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
+    if isinstance(scores, Tensor):
+        if not isinstance(boxes, Tensor):
+            raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
+        if image_index is None:
+            raise ArgumentValueError("image_index is required when boxes and scores are the rows of all images")
+        check_tensor("image_index", image_index, ndim=1, dtypes=[torch.int64, torch.int32], device=scores.device)
+        if image_index.shape[0] != scores.shape[0]:
+            raise ArgumentValueError(f"image_index must have one entry per row of scores ({scores.shape[0]}), "
+                                     f"got shape {list(image_index.shape)}")
+        image_index = image_index.long()
+        n_images = _check_num_images(num_images, image_index)
+        if not _compiling() and image_index.numel() > 0 and (
+                bool((image_index < 0).any()) or int(image_index.max()) >= n_images):
+            raise ArgumentValueError(f"image_index must lie in [0, num_images={n_images})")
+        return boxes, scores, image_index, n_images, None
+    if isinstance(boxes, Tensor) or len(boxes) != len(scores):
+        raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
+    if image_index is not None:
+        raise ArgumentValueError("image_index must be None when boxes and scores are per-image lists")
+    if len(scores) == 0:
+        raise ArgumentValueError("scores is an empty list: give at least one image")
+    n_images = len(scores)
+    device = scores[0].device
+    sizes: List[int] = []
+    for i in range(n_images):
+        s, b = scores[i], boxes[i]
+        check_tensor(f"scores[{i}]", s, ndim=2, dtypes=floating_dtypes(), device=device)
+        check_tensor(f"boxes[{i}]", b, dtypes=[s.dtype], device=device)
+        if b.dim() != boxes[0].dim() or s.shape[1] != scores[0].shape[1]:
+            raise ArgumentValueError("every image must have the same number of classes and the same box layout")
+        sizes.append(s.shape[0])
+    index = torch.repeat_interleave(torch.arange(n_images, device=device), torch.tensor(sizes, device=device))
+    cat_scores = torch.cat(scores)
+    starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
+    local_row = torch.arange(cat_scores.shape[0], device=device) - starts[index]
+    return torch.cat(boxes), cat_scores, index, n_images, local_row
+
+
+def batched_multiclass_nms_concat(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
+                                  image_index: Optional[Tensor] = None, num_images: Optional[int] = None,
+                                  score_threshold: float = 1e-4, iou_threshold: float = 0.5,
+                                  max_per_image: Optional[int] = 300, label_layout: str = "background_first"
+                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`batched_multiclass_nms(..., concat=True)` with its own fixed return type, for TorchScript: the detections of
+    all images concatenated, `(boxes, scores, labels, row_index, image)`, row_index being the row of the
+    concatenated input. Scriptable."""
+    first_label = 0 if background_last(label_layout) else 1
+    boxes, scores, image_index, num_images, _ = _batch_rows(boxes, scores, image_index, num_images)
+    score_threshold, iou_threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
+                                                              max_per_image)
+    b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
+        boxes, scores, image_index, num_images, score_threshold, iou_threshold, limit)
+    if first_label == 0:
+        labels = labels - 1
+    return b, s, labels, rows, images
+
+
+def batched_multiclass_nms(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
+                           image_index: Optional[Tensor] = None, num_images: Optional[int] = None,
                            score_threshold: float = 1e-4, iou_threshold: float = 0.5,
-                           max_per_image: int | None = 300, *, concat: bool = False,
-                           label_layout: str = "background_first"):
+                           max_per_image: Optional[int] = 300, concat: bool = False,
+                           label_layout: str = "background_first") -> List[Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """`multiclass_nms` of every image of a batch in one call (one kernel pass, parallel over images).
 
     Either lists `boxes=[b_0, ...]`, `scores=[s_0, ...]` (one entry per image), or the rows of all images
@@ -205,47 +277,24 @@ def batched_multiclass_nms(boxes, scores, image_index: torch.Tensor | None = Non
     the image). With `concat=True` returns instead the concatenated `(boxes, scores, labels, row_index, image)`
     where row_index is the row of the concatenated input (no host sync beyond the op's own).
     `num_images` is at most MAX_IMAGES_PER_CALL; `label_layout` as in `multiclass_nms`.
-    Eager mode only (its return type depends on `concat`): a scripted model calls `multiclass_nms` per image.
+    Scriptable with the per-image list as its return type; scripted code calls `batched_multiclass_nms_concat`
+    for the concatenated form (`concat=True` raises there).
     """
+    if concat:
+        if torch.jit.is_scripting():
+            raise ArgumentValueError("concat=True changes the return type, which TorchScript cannot: call "
+                                     "batched_multiclass_nms_concat instead")
+        else:
+            return batched_multiclass_nms_concat(boxes, scores, image_index, num_images, score_threshold,
+                                                 iou_threshold, max_per_image, label_layout)
     first_label = 0 if background_last(label_layout) else 1
-    if isinstance(scores, (list, tuple)):
-        if not isinstance(boxes, (list, tuple)) or len(boxes) != len(scores):
-            raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
-        if image_index is not None:
-            raise ArgumentValueError("image_index must be None when boxes and scores are per-image lists")
-        if len(scores) == 0:
-            raise ArgumentValueError("scores is an empty list: give at least one image")
-        num_images = len(scores)
-        for i, (b, s) in enumerate(zip(boxes, scores)):
-            check_tensor(f"scores[{i}]", s, ndim=2, dtypes=FLOATING, device=scores[0].device)
-            check_tensor(f"boxes[{i}]", b, dtypes=(s.dtype,), device=scores[0].device)
-            if b.dim() != boxes[0].dim() or s.shape[1] != scores[0].shape[1]:
-                raise ArgumentValueError("every image must have the same number of classes and the same box layout")
-        sizes = [s.shape[0] for s in scores]
-        image_index = torch.repeat_interleave(
-            torch.arange(num_images, device=scores[0].device), torch.tensor(sizes, device=scores[0].device))
-        boxes, scores = torch.cat(list(boxes)), torch.cat(list(scores))
-        starts = torch.tensor([0] + sizes[:-1], device=scores.device).cumsum(0)
-        local_row = torch.arange(scores.shape[0], device=scores.device) - starts[image_index]
-    else:
-        check_tensor("image_index", image_index, ndim=1, dtypes=(torch.int64, torch.int32), device=scores.device)
-        if image_index.shape[0] != scores.shape[0]:
-            raise ArgumentValueError(f"image_index must have one entry per row of scores ({scores.shape[0]}), "
-                                     f"got shape {list(image_index.shape)}")
-        image_index = image_index.long()
-        num_images = _check_num_images(num_images, image_index)
-        if not _compiling() and image_index.numel() and (
-                bool((image_index < 0).any()) or int(image_index.max()) >= num_images):
-            raise ArgumentValueError(f"image_index must lie in [0, num_images={num_images})")
-        local_row = None
-    score_threshold, iou_threshold, max_per_image = _check_multiclass(
-        boxes, scores, score_threshold, iou_threshold, max_per_image)
+    boxes, scores, image_index, num_images, local_row = _batch_rows(boxes, scores, image_index, num_images)
+    score_threshold, iou_threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
+                                                              max_per_image)
     b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
-        boxes, scores, image_index, num_images, score_threshold, iou_threshold, max_per_image)
+        boxes, scores, image_index, num_images, score_threshold, iou_threshold, limit)
     if first_label == 0:
         labels = labels - 1
-    if concat:
-        return b, s, labels, rows, images
     if local_row is None:  # row within the image: rank among the rows of that image
         order = torch.sort(image_index, stable=True)[1]
         counts = torch.bincount(image_index, minlength=num_images)
@@ -253,8 +302,12 @@ def batched_multiclass_nms(boxes, scores, image_index: torch.Tensor | None = Non
         local_row = torch.empty_like(image_index)
         local_row[order] = torch.arange(order.numel(), device=order.device) - starts[image_index[order]]
     rows = local_row[rows]
-    sizes = torch.bincount(images, minlength=num_images).tolist()
-    return list(zip(b.split(sizes), s.split(sizes), labels.split(sizes), rows.split(sizes)))
+    sizes: List[int] = torch.bincount(images, minlength=num_images).tolist()
+    parts = [b.split(sizes), s.split(sizes), labels.split(sizes), rows.split(sizes)]
+    out: List[Tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    for i in range(num_images):
+        out.append((parts[0][i], parts[1][i], parts[2][i], parts[3][i]))
+    return out
 
 
 # ---- torch.compile / autograd registrations --------------------------------------------------------------------
