@@ -26,7 +26,12 @@ import pytest
 import torch
 
 from ltkernels.models.benchmarking.harness import (
-    bench_devices, cuda_event_times, device_name, environment_info, quick_mode, sync,
+    bench_devices,
+    cuda_event_times,
+    device_name,
+    environment_info,
+    quick_mode,
+    sync,
 )
 from ltkernels.testing.checkout_guard import forbid_sibling_reads
 

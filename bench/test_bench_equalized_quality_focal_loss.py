@@ -3,14 +3,13 @@ benchmark's inputs plus an IoU per row). Peers: the eager reference (the officia
 pow, autograd, statistics from the logits' gradient by a hook) and torch.compile of it."""
 import pytest
 import torch
+from test_bench_equalized_focal_loss import C, _run, dtypes, make_inputs
 
 import ltkernels
 from ltkernels._ext import has_op
 from ltkernels.reference.equalized_focal_loss import efl_statistics
 from ltkernels.reference.equalized_quality_focal_loss import EqualizedQualityFocalLossReference
 from ltkernels.reference.equalized_quality_focal_loss import equalized_quality_focal_loss as ref_loss
-
-from test_bench_equalized_focal_loss import C, _run, dtypes, make_inputs
 
 pytestmark = pytest.mark.skipif(not has_op("equalized_quality_focal_loss"), reason="EQFL not built")
 

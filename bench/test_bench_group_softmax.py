@@ -7,10 +7,13 @@ import pytest
 import torch
 
 import ltkernels
-from ltkernels.data import lvis_categories_path
 from ltkernels._ext import has_op
-from ltkernels.reference.group_softmax import (group_softmax_loss_eager, group_softmax_scores_reference,
-                                               official_group_softmax_loss)
+from ltkernels.data import lvis_categories_path
+from ltkernels.reference.group_softmax import (
+    group_softmax_loss_eager,
+    group_softmax_scores_reference,
+    official_group_softmax_loss,
+)
 
 pytestmark = pytest.mark.skipif(not has_op("group_softmax_loss"), reason="group_softmax not built")
 

@@ -4,6 +4,14 @@ Every public function calls one registered op, `torch.ops.ltkernels.<name>`, whi
 or CUDA kernel; fake-tensor and autograd registrations live beside each op in `ltkernels/ops/`.
 """
 from ._ext import LibraryMismatchError, build_info, has_cuda_kernels
+from ._validate import ArgumentTypeError, ArgumentValueError, BoxesShapeError
+from .ops import equalized_focal_loss as _efl
+from .ops import equalized_quality_focal_loss as _eqfl
+from .ops import group_softmax as _gs
+from .ops import nms as _nms
+from .ops import paste_masks as _pm
+from .ops import poolers as _pl
+from .ops import roi_align as _ra
 from .ops.equalized_focal_loss import *  # noqa: F401,F403
 from .ops.equalized_quality_focal_loss import *  # noqa: F401,F403
 from .ops.group_softmax import *  # noqa: F401,F403
@@ -11,9 +19,6 @@ from .ops.nms import *  # noqa: F401,F403
 from .ops.paste_masks import *  # noqa: F401,F403
 from .ops.poolers import *  # noqa: F401,F403
 from .ops.roi_align import *  # noqa: F401,F403
-from .ops import (equalized_focal_loss as _efl, equalized_quality_focal_loss as _eqfl, group_softmax as _gs,
-                  nms as _nms, paste_masks as _pm, poolers as _pl, roi_align as _ra)
-from ._validate import ArgumentTypeError, ArgumentValueError, BoxesShapeError
 from .torchvision_compat import TorchvisionPatch, patch_torchvision
 
 __version__ = build_info()["version"]

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from test_training import data, tiny_cfg  # noqa: F401 (the training tests' tiny synthetic set and schedule)
 from torchvision.ops import box_iou
 
 from ltkernels._ext import has_op
@@ -13,8 +14,6 @@ from ltkernels.models.detectors import ATSSDetector, build_model
 from ltkernels.models.detectors.atss import aligned_iou, atss_assign
 from ltkernels.models.engine.study import summarize
 from ltkernels.models.engine.trainer import train
-
-from test_training import data, tiny_cfg  # noqa: F401 (the training tests' tiny synthetic set and schedule)
 
 pytestmark = pytest.mark.skipif(not has_op("equalized_quality_focal_loss"), reason="EQFL not built")
 

@@ -13,8 +13,15 @@ import torch
 from ltkernels.models.cli import main as ltk
 from ltkernels.models.configs import get_config, merge
 from ltkernels.models.data.synthetic import write_synthetic_lvis
-from ltkernels.models.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, check_plain, load_checkpoint,
-                                                rng_state, save_checkpoint, set_rng_state)
+from ltkernels.models.engine.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    check_plain,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ltkernels.models.engine.trainer import train
 
 ENV = "LTK_TEST_CHECKPOINT_PAYLOAD"

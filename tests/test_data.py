@@ -8,8 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ltkernels.models.data.lvis import (DetectionTransform, LVISDetection, LVISFormatError, collate_detection,
-                                        resolve_image_path)
+from ltkernels.models.data.lvis import (
+    DetectionTransform,
+    LVISDetection,
+    LVISFormatError,
+    collate_detection,
+    resolve_image_path,
+)
 from ltkernels.models.data.synthetic import write_synthetic_lvis
 
 
@@ -132,7 +137,7 @@ def test_coco_format_non_contiguous_ids(tmp_path):
 def test_missing_top_level_key(tmp_path):
     for key in ("images", "annotations", "categories"):
         ann_file, root = _coco(tmp_path, [], drop=key)
-        with pytest.raises(LVISFormatError, match="'%s'" % key) as e:
+        with pytest.raises(LVISFormatError, match=f"'{key}'") as e:
             LVISDetection(ann_file, root)
         assert isinstance(e.value, ValueError) and "ann.json" in str(e.value)
 

@@ -12,9 +12,9 @@ import ltkernels
 from ltkernels._ext import has_op
 from ltkernels.reference.equalized_focal_loss import EqualizedFocalLossReference, efl_statistics, efl_targets
 from ltkernels.reference.equalized_focal_loss import equalized_focal_loss as ref_loss
+from ltkernels.testing import cuda_emulation as emulation
 
 from conftest import EMULATION, CudaSide, devices
-from ltkernels.testing import cuda_emulation as emulation
 
 pytestmark = pytest.mark.skipif(not has_op("equalized_focal_loss"), reason="equalized_focal_loss not built")
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ltkernels
 from ltkernels._ext import has_op

@@ -17,7 +17,7 @@ def _cat(cid, instance_count=20, image_count=None, frequency=None):
     image_count = instance_count if image_count is None else image_count
     if frequency is None:
         frequency = "r" if image_count <= 10 else ("c" if image_count <= 100 else "f")
-    return {"id": cid, "name": "c%d" % cid, "synset": "c%d.n.01" % cid, "frequency": frequency,
+    return {"id": cid, "name": f"c{cid}", "synset": f"c{cid}.n.01", "frequency": frequency,
             "image_count": image_count, "instance_count": instance_count}
 
 
@@ -25,7 +25,7 @@ def _gt_file(path, images, anns, cats):
     """images: list of (id, neg ids, not-exhaustive ids); anns: list of (image id, category id, [x, y, w, h])."""
     data = {
         "info": {}, "licenses": [],
-        "images": [{"id": i, "width": 200, "height": 200, "coco_url": "http://x/val2017/%012d.jpg" % i,
+        "images": [{"id": i, "width": 200, "height": 200, "coco_url": f"http://x/val2017/{i:012d}.jpg",
                     "neg_category_ids": list(neg), "not_exhaustive_category_ids": list(nex)}
                    for i, neg, nex in images],
         "annotations": [{"id": k + 1, "image_id": i, "category_id": c, "bbox": list(b), "area": b[2] * b[3],
@@ -333,7 +333,7 @@ def test_known_difference_crowd_and_ignore_flags(tmp_path, caplog):
         data["annotations"][1].pop("iscrowd", None)
         data["annotations"][1].pop("ignore", None)
         data["annotations"][1][flag] = 1
-        path = tmp_path / ("%s.json" % flag)
+        path = tmp_path / (f"{flag}.json")
         path.write_text(json.dumps(data))
         for b in BACKENDS:
             caplog.clear()

@@ -5,15 +5,22 @@ from statistics import NormalDist
 import pytest
 import torch
 
-import ltkernels
-from ltkernels import BalancedGroups, GroupSoftmaxLoss, group_softmax_loss, group_softmax_scores
-from ltkernels import group_softmax_selection
+from ltkernels import (
+    BalancedGroups,
+    GroupSoftmaxLoss,
+    group_softmax_loss,
+    group_softmax_scores,
+    group_softmax_selection,
+)
 from ltkernels.data import lvis_categories_path
-from ltkernels.reference.group_softmax import (group_softmax_loss_reference, group_softmax_scores_reference,
-                                               official_group_softmax_loss)
-
-from conftest import EMULATION, CudaSide, devices
+from ltkernels.reference.group_softmax import (
+    group_softmax_loss_reference,
+    group_softmax_scores_reference,
+    official_group_softmax_loss,
+)
 from ltkernels.testing import cuda_emulation as emulation
+
+from conftest import EMULATION, devices
 
 INF = math.inf
 

@@ -4,10 +4,11 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import devices
 
 import ltkernels
 from ltkernels.ops.roi_align import MAX_ADAPTIVE_SAMPLES
+
+from conftest import devices
 
 
 # ---- RoIAlign: a huge finite box with adaptive sampling ---------------------------------------------------------

@@ -4,7 +4,6 @@ import logging
 import os
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_api

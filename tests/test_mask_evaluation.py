@@ -11,15 +11,20 @@ pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_api  # noqa: E402
 
 from ltkernels.models.data.masks import masks_to_rle  # noqa: E402
-from ltkernels.models.evaluation.lvis_eval import (BACKENDS, MASK_PREFIX, METRIC_KEYS,  # noqa: E402
-                                                   detections_to_results, evaluate_detections)
+from ltkernels.models.evaluation.lvis_eval import (  # noqa: E402
+    BACKENDS,
+    MASK_PREFIX,
+    METRIC_KEYS,
+    detections_to_results,
+    evaluate_detections,
+)
 
 H, W = 120, 160
 
 
 def _cat(cid, instance_count):
     f = "r" if instance_count <= 10 else ("c" if instance_count <= 100 else "f")
-    return {"id": cid, "name": "c%d" % cid, "synset": "c%d.n.01" % cid, "frequency": f,
+    return {"id": cid, "name": f"c{cid}", "synset": f"c{cid}.n.01", "frequency": f,
             "image_count": instance_count, "instance_count": instance_count}
 
 
@@ -34,7 +39,7 @@ POLYGONS = [
 
 
 def _gt(path):
-    images = [{"id": i, "width": W, "height": H, "coco_url": "http://x/val2017/%012d.jpg" % i,
+    images = [{"id": i, "width": W, "height": H, "coco_url": f"http://x/val2017/{i:012d}.jpg",
                "neg_category_ids": [], "not_exhaustive_category_ids": []} for i in (1, 2, 3)]
     anns = []
     for k, (img, cat, poly) in enumerate(POLYGONS):

@@ -9,8 +9,12 @@ import torchvision
 from torchvision.ops.boxes import _batched_nms_vanilla
 
 import ltkernels
-from ltkernels.reference.nms import (batched_nms_reference, multiclass_nms_reference, nms_reference,
-                                     torchvision_multiclass_nms)
+from ltkernels.reference.nms import (
+    batched_nms_reference,
+    multiclass_nms_reference,
+    nms_reference,
+    torchvision_multiclass_nms,
+)
 
 from conftest import devices
 

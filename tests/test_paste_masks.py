@@ -5,7 +5,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 import ltkernels
 from ltkernels.reference.paste_masks import expanded_int_boxes, paste_masks_reference
 
-from conftest import cuda_devices, devices
+from conftest import devices
 
 
 def make_boxes(k, h, w, dtype=torch.float32, outside=True, tiny=True):

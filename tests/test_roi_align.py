@@ -6,9 +6,9 @@ import torchvision
 
 import ltkernels
 from ltkernels.reference.roi_align import roi_align_reference
-
-from conftest import EMULATION, cuda_devices, devices
 from ltkernels.testing import cuda_emulation as emulation
+
+from conftest import EMULATION, cuda_devices
 
 # Two shapes that send the CPU kernels down their two paths: many RoIs on a small map use the channels-last
 # (vectorised over channels) path, a few RoIs on a large map read the NCHW planes in place.

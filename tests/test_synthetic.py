@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from ltkernels.models.data.lvis import resolve_image_path
-from ltkernels.models.data.synthetic import (MAX_CLASSES, class_attributes, frequency_of,
-                                             write_synthetic_lvis)
+from ltkernels.models.data.synthetic import MAX_CLASSES, class_attributes, frequency_of, write_synthetic_lvis
 
 SMALL = dict(num_classes=12, num_train_images=60, num_val_images=20, image_size=(64, 80))
 
@@ -33,8 +32,8 @@ def default_set(tmp_path_factory):
 
 def test_deterministic(tmp_path):
     a = write_synthetic_lvis(str(tmp_path / "a"), seed=3, **SMALL)
-    b = write_synthetic_lvis(str(tmp_path / "b"), seed=3, **SMALL)
-    c = write_synthetic_lvis(str(tmp_path / "c"), seed=4, **SMALL)
+    write_synthetic_lvis(str(tmp_path / "b"), seed=3, **SMALL)
+    write_synthetic_lvis(str(tmp_path / "c"), seed=4, **SMALL)
     da, db, dc = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
     assert len(da) == 2 + 60 + 20
     assert da == db  # every file byte-identical: both annotation files and all images
@@ -132,6 +131,7 @@ def test_many_classes_still_run(tmp_path):
 
 def test_val_ground_truth_evaluates_to_ap_one(default_set):
     import numpy as np
+
     from ltkernels.models.data.lvis import LVISDetection
     from ltkernels.models.evaluation.lvis_eval import evaluate_detections, instance_bin
 

@@ -2,16 +2,16 @@
 against ltkernels: the same inputs, references and expectations, our functions in place of torchvision's. Quantized
 variants are left out (ltkernels has no quantized kernels)."""
 import math
-from typing import List
 
 import pytest
 import torch
 import torchvision
-from conftest import devices
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 import ltkernels
+
+from conftest import devices
 
 
 class _Deterministic:
@@ -51,7 +51,7 @@ class _PoolWrapper(nn.Module):
         super().__init__()
         self.pool = pool
 
-    def forward(self, imgs: Tensor, boxes: List[Tensor]) -> Tensor:
+    def forward(self, imgs: Tensor, boxes: list[Tensor]) -> Tensor:
         return self.pool(imgs, boxes)
 
 

@@ -4,7 +4,7 @@ frequency splits without the dataset: `BalancedGroups.from_lvis("v1")`."""
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 LVIS_VERSIONS = ("v0.5", "v1")
@@ -17,7 +17,7 @@ def lvis_categories_path(version: str) -> Path:
     return Path(__file__).resolve().parent / f"lvis_{version}_categories.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(version: str) -> tuple:
     with open(lvis_categories_path(version)) as f:
         return tuple(json.load(f)["categories"])

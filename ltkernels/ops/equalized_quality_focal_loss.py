@@ -14,7 +14,6 @@ is exactly EFL. No gradient flows into `quality` (a target, as in the official c
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .._ext import has_op
 from .._validate import FLOATING, ArgumentValueError, check_tensor, refuse_double_backward

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
-from .._validate import ArgumentTypeError, ArgumentValueError, check_tensor, dtype_name, floating_dtypes
+from .._validate import ArgumentTypeError, ArgumentValueError, check_tensor, floating_dtypes
 from .roi_align import _boxes_to_rois, _check_output_size, _check_rois_values, _eager_output_size
 
 __all__ = ["MultiLevelRoIAlign", "MultiScaleRoIAlign"]

@@ -14,8 +14,13 @@ from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
 from .._ext import has_op
-from .._validate import (ArgumentTypeError, ArgumentValueError, BoxesShapeError, check_tensor, dtype_name,
-                         floating_dtypes)
+from .._validate import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    BoxesShapeError,
+    check_tensor,
+    floating_dtypes,
+)
 
 __all__ = ["roi_align", "RoIAlign", "MAX_ADAPTIVE_SAMPLES"]
 

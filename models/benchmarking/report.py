@@ -76,7 +76,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
              f"- command: `{meta.get('command', '')}`", ""]
     bw = copy_bandwidth(rows)
     if bw:
-        lines.append(f"- copy bandwidth (bytes read + written): "
+        lines.append("- copy bandwidth (bytes read + written): "
                      + ", ".join(f"{d}: {v:.1f} GB/s" for d, v in bw.items()))
     lines += ["- a peer's cell: its median (speed-up = peer / ours; above 1× we are faster); "
               "IQR: the interquartile range of our timings over their median",

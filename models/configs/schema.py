@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import MISSING, dataclass, field, fields
-from typing import List, Optional, Union
+from typing import Union
 
 
 class ConfigError(ValueError):
@@ -27,17 +27,17 @@ ALL_POSITIVE = (lambda v: all(x > 0 for x in v), "all > 0")
 @dataclass
 class ModelConfig:
     type: str = _f("two_stage", choices=("two_stage", "one_stage", "atss"))
-    cls_loss: Optional[str] = _f(None, doc="softmax | bags (two-stage), focal | efl (one-stage), focal | efl | qfl | "
+    cls_loss: str | None = _f(None, doc="softmax | bags (two-stage), focal | efl (one-stage), focal | efl | qfl | "
                                            "eqfl (atss); None: the type's default",
                                  choices=(None, "softmax", "bags", "focal", "efl", "qfl", "eqfl"))
     backbone: str = _f("tiny", doc="tiny | resnet18/34/50/101")
-    pretrained_backbone: Optional[str] = _f(None, doc="ImageNet state_dict of the ResNet")
+    pretrained_backbone: str | None = _f(None, doc="ImageNet state_dict of the ResNet")
     trainable_layers: int = _f(3, (lambda v: 0 <= v <= 5, "in 0..5"))
-    widths: List[int] = _f([16, 32, 48, 64, 96], ALL_POSITIVE)
-    fpn_channels: Optional[int] = _f(None, POSITIVE, doc="None: 64 (tiny), 256 (ResNet)")
-    levels: List[int] = _f([2, 3, 4])
-    anchor_scales: List[float] = _f([8.0], ALL_POSITIVE)
-    anchor_ratios: List[float] = _f([0.5, 1.0, 2.0], ALL_POSITIVE)
+    widths: list[int] = _f([16, 32, 48, 64, 96], ALL_POSITIVE)
+    fpn_channels: int | None = _f(None, POSITIVE, doc="None: 64 (tiny), 256 (ResNet)")
+    levels: list[int] = _f([2, 3, 4])
+    anchor_scales: list[float] = _f([8.0], ALL_POSITIVE)
+    anchor_ratios: list[float] = _f([0.5, 1.0, 2.0], ALL_POSITIVE)
     rpn_pre_nms_top_n_train: int = _f(2000, POSITIVE)
     rpn_post_nms_top_n_train: int = _f(2000, POSITIVE)
     rpn_pre_nms_top_n_test: int = _f(1000, POSITIVE)
@@ -50,12 +50,12 @@ class ModelConfig:
     representation_size: int = _f(1024, POSITIVE)
     batch_size_per_image: int = _f(512, POSITIVE)
     positive_fraction: float = _f(0.25, FRACTION)
-    score_thresh: Optional[float] = _f(None, FRACTION, doc="None: 1e-4 (two-stage), 0.05 (one-stage)")
+    score_thresh: float | None = _f(None, FRACTION, doc="None: 1e-4 (two-stage), 0.05 (one-stage)")
     nms_thresh: float = _f(0.5, FRACTION)
     detections_per_img: int = _f(300, POSITIVE)
-    bags_bounds: List[int] = _f([10, 100, 1000], ALL_POSITIVE)
+    bags_bounds: list[int] = _f([10, 100, 1000], ALL_POSITIVE)
     bags_others_ratio: float = _f(8.0, NON_NEGATIVE)
-    simcal_tail_threshold: Optional[int] = _f(None, POSITIVE)
+    simcal_tail_threshold: int | None = _f(None, POSITIVE)
     mask_head: bool = _f(False, doc="two-stage: add the Mask R-CNN mask branch (instance segmentation)")
     mask_head_channels: int = _f(256, POSITIVE, doc="channels of the mask head's convolutions")
     head_convs: int = _f(4, NON_NEGATIVE)
@@ -66,19 +66,19 @@ class ModelConfig:
     efl_scale: float = _f(8.0, NON_NEGATIVE)
     efl_gamma_b: float = _f(2.0, POSITIVE)
     atss_topk: int = _f(18, POSITIVE, doc="ATSS candidates per level and ground truth (9 per anchor scale)")
-    iou_branch: Optional[bool] = _f(None, doc="ATSS IoU-prediction branch; None: on for focal / efl, off for qfl / "
+    iou_branch: bool | None = _f(None, doc="ATSS IoU-prediction branch; None: on for focal / efl, off for qfl / "
                                               "eqfl")
     giou_weight: float = _f(2.0, NON_NEGATIVE, doc="ATSS GIoU box loss weight")
 
 
 @dataclass
 class DataConfig:
-    min_size: Union[int, List[int]] = _f(800, doc="shorter side; a list: one drawn per image")
+    min_size: int | list[int] = _f(800, doc="shorter side; a list: one drawn per image")
     max_size: int = _f(1333, POSITIVE)
     flip_prob: float = _f(0.5, FRACTION)
-    mean: List[float] = _f([0.485, 0.456, 0.406])
-    std: List[float] = _f([0.229, 0.224, 0.225], ALL_POSITIVE)
-    repeat_threshold: Optional[float] = _f(None, POSITIVE, doc="repeat factor sampling t (LVIS: 0.001)")
+    mean: list[float] = _f([0.485, 0.456, 0.406])
+    std: list[float] = _f([0.229, 0.224, 0.225], ALL_POSITIVE)
+    repeat_threshold: float | None = _f(None, POSITIVE, doc="repeat factor sampling t (LVIS: 0.001)")
 
 
 @dataclass
@@ -90,10 +90,10 @@ class SolverConfig:
     max_iter: int = _f(90000, POSITIVE)
     warmup_iters: int = _f(0, NON_NEGATIVE)
     warmup_factor: float = _f(0.001, (lambda v: 0 < v <= 1, "in (0, 1]"))
-    steps: List[float] = _f([], (lambda v: all(x > 0 for x in v), "all > 0"),
+    steps: list[float] = _f([], (lambda v: all(x > 0 for x in v), "all > 0"),
                             doc="lr x gamma at each; values < 1 are fractions of max_iter")
     gamma: float = _f(0.1, POSITIVE)
-    clip_grad: Optional[float] = _f(None, POSITIVE)
+    clip_grad: float | None = _f(None, POSITIVE)
     amp: bool = _f(True, doc="float16 autocast on CUDA")
 
 
@@ -145,7 +145,7 @@ def _check_type(value, hint, key: str):
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
-    if origin in (list, List):
+    if origin in (list, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
         return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -162,7 +162,7 @@ def _type_name(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
-    if origin in (list, List):
+    if origin in (list, list):
         return f"a list of {_type_name(args[0])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 

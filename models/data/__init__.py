@@ -1,5 +1,5 @@
 """LVIS-format data: dataset and transforms (`lvis`), samplers (`samplers`), synthetic long-tail set (`synthetic`)."""
-from .lvis import LVISDetection, DetectionTransform, LVISFormatError, collate_detection
+from .lvis import DetectionTransform, LVISDetection, LVISFormatError, collate_detection
 from .samplers import BiLevelClassSampler, RepeatFactorSampler, repeat_factors
 from .synthetic import write_synthetic_lvis
 

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import random
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -63,20 +63,19 @@ class LVISFormatError(ValueError):
 def load_annotation_file(path: str) -> dict:
     """Read and check the top level of an LVIS / COCO annotation file."""
     try:
-        with open(path, "r") as f:
+        with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise LVISFormatError("annotation file not found: %s" % path) from None
+        raise LVISFormatError(f"annotation file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LVISFormatError("annotation file %s is not valid JSON: %s" % (path, e)) from None
+        raise LVISFormatError(f"annotation file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise LVISFormatError("annotation file %s: top level must be a JSON object, got %s"
-                              % (path, type(data).__name__))
+        raise LVISFormatError(f"annotation file {path}: top level must be a JSON object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise LVISFormatError("annotation file %s: missing top-level key '%s'" % (path, key))
+            raise LVISFormatError(f"annotation file {path}: missing top-level key '{key}'")
         if not isinstance(data[key], list):
-            raise LVISFormatError("annotation file %s: top-level key '%s' must be a list" % (path, key))
+            raise LVISFormatError(f"annotation file {path}: top-level key '{key}' must be a list")
     return data
 
 
@@ -115,7 +114,7 @@ def _int_field(value, ann_file: str, key: str) -> int:
         except (TypeError, ValueError, OverflowError):
             ok = False
     if not ok:
-        raise LVISFormatError("annotation file %s: %s must be an integer, got %r" % (ann_file, key, value))
+        raise LVISFormatError(f"annotation file {ann_file}: {key} must be an integer, got {value!r}")
     return int(float(value))
 
 
@@ -148,58 +147,58 @@ class LVISDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.with_masks = bool(masks)
         data = load_annotation_file(ann_file)
-        self.skipped: Dict[str, int] = {k: 0 for k in ("missing_key", "bad_bbox", "unknown_category",
+        self.skipped: dict[str, int] = {k: 0 for k in ("missing_key", "bad_bbox", "unknown_category",
                                                           "unknown_image", "crowd", "missing_image",
                                                           "empty_image", *MASK_DEFECTS)}
 
         # categories
         if not data["categories"]:
-            raise LVISFormatError("annotation file %s: 'categories' is empty (a detector needs classes)" % ann_file)
+            raise LVISFormatError(f"annotation file {ann_file}: 'categories' is empty (a detector needs classes)")
         cats = []
         for i, c in enumerate(data["categories"]):
             if not isinstance(c, dict) or "id" not in c:
-                raise LVISFormatError("annotation file %s: category #%d missing key 'id'" % (ann_file, i))
-            c = dict(c, id=_int_field(c["id"], ann_file, "categories[%d].id" % i))
+                raise LVISFormatError(f"annotation file {ann_file}: category #{i} missing key 'id'")
+            c = dict(c, id=_int_field(c["id"], ann_file, f"categories[{i}].id"))
             if "instance_count" in c:
-                c["instance_count"] = _int_field(c["instance_count"], ann_file, "categories[%d].instance_count" % i)
+                c["instance_count"] = _int_field(c["instance_count"], ann_file, f"categories[{i}].instance_count")
             cats.append(c)
         cats.sort(key=lambda c: c["id"])
         ids = [c["id"] for c in cats]
         dup = sorted({x for x in ids if ids.count(x) > 1}) if len(set(ids)) != len(ids) else []
         if dup:
-            raise LVISFormatError("annotation file %s: duplicate category ids %s" % (ann_file, dup[:10]))
-        self.categories: List[dict] = cats
+            raise LVISFormatError(f"annotation file {ann_file}: duplicate category ids {dup[:10]}")
+        self.categories: list[dict] = cats
         self.is_lvis = ids == list(range(1, len(ids) + 1))
-        self.category_id_to_label: Dict[int, int] = {cid: k + 1 for k, cid in enumerate(ids)}
-        self.label_to_category_id: Dict[int, int] = {k + 1: cid for k, cid in enumerate(ids)}
+        self.category_id_to_label: dict[int, int] = {cid: k + 1 for k, cid in enumerate(ids)}
+        self.label_to_category_id: dict[int, int] = {k + 1: cid for k, cid in enumerate(ids)}
         self.num_classes = len(ids)
 
         # images
         images = {}
         for i, img in enumerate(data["images"]):
             if not isinstance(img, dict):
-                raise LVISFormatError("annotation file %s: image #%d is not an object" % (ann_file, i))
+                raise LVISFormatError(f"annotation file {ann_file}: image #{i} is not an object")
             for key in ("id",):
                 if key not in img:
-                    raise LVISFormatError("annotation file %s: image #%d missing key '%s'" % (ann_file, i, key))
+                    raise LVISFormatError(f"annotation file {ann_file}: image #{i} missing key '{key}'")
             if not img.get("coco_url") and not img.get("file_name"):
-                raise LVISFormatError("annotation file %s: image %s missing key 'coco_url' (v1) or 'file_name'"
-                                      " (v0.5 / COCO)" % (ann_file, img["id"]))
-            iid = _int_field(img["id"], ann_file, "images[%d].id" % i)
+                raise LVISFormatError("annotation file {}: image {} missing key 'coco_url' (v1) or 'file_name'"
+                                      " (v0.5 / COCO)".format(ann_file, img["id"]))
+            iid = _int_field(img["id"], ann_file, f"images[{i}].id")
             if iid in images:
-                raise LVISFormatError("annotation file %s: duplicate image id %d (images[%d] and an earlier one)"
-                                      % (ann_file, iid, i))
+                raise LVISFormatError(f"annotation file {ann_file}: duplicate image id {iid} "
+                                      f"(images[{i}] and an earlier one)")
             images[iid] = img
 
         # annotations
-        per_image: Dict[int, List[tuple]] = {k: [] for k in images}
-        ann_ids: Dict[object, int] = {}
+        per_image: dict[int, list[tuple]] = {k: [] for k in images}
+        ann_ids: dict[object, int] = {}
         for i, a in enumerate(data["annotations"]):
             if isinstance(a, dict) and isinstance(a.get("id"), (int, str)):
                 if a["id"] in ann_ids:
-                    raise LVISFormatError("annotation file %s: duplicate annotation id %r (annotations[%d] and "
-                                          "annotations[%d]); evaluation would match one box twice"
-                                          % (ann_file, a["id"], ann_ids[a["id"]], i))
+                    raise LVISFormatError(f"annotation file {ann_file}: duplicate annotation id {a['id']!r} "
+                                          f"(annotations[{ann_ids[a['id']]}] and annotations[{i}]); evaluation "
+                                          "would match one box twice")
                 ann_ids[a["id"]] = i
             if not isinstance(a, dict) or any(k not in a for k in ("image_id", "category_id", "bbox")):
                 self.skipped["missing_key"] += 1
@@ -233,7 +232,7 @@ class LVISDetection(torch.utils.data.Dataset):
             per_image[iid].append(([x, y, x + w, y + h], self.category_id_to_label[cid], seg))
 
         self._records = []
-        self.missing_paths: List[str] = []  # the first few image files that were not found
+        self.missing_paths: list[str] = []  # the first few image files that were not found
         for iid in sorted(images):
             img = images[iid]
             path = resolve_image_path(img, image_root)
@@ -251,7 +250,7 @@ class LVISDetection(torch.utils.data.Dataset):
             self._records.append({"id": iid, "path": path, "boxes": boxes, "labels": labels,
                                   "width": img.get("width"), "height": img.get("height"),
                                   "segmentations": [a[2] for a in anns] if self.with_masks else None})
-        self.image_ids: List[int] = [r["id"] for r in self._records]
+        self.image_ids: list[int] = [r["id"] for r in self._records]
         self._classes = [frozenset(int(l) for l in r["labels"]) for r in self._records]
 
         # instance counts per label 1..C: from the categories if all have them, else counted here
@@ -265,23 +264,23 @@ class LVISDetection(torch.utils.data.Dataset):
         self.instance_counts = torch.tensor(counts, dtype=torch.int64)
         bad = {k: v for k, v in self.skipped.items() if v and k not in ("crowd", "empty_image")}
         if bad:
-            logger.warning("%s: skipped %s", ann_file, ", ".join("%d %s" % (v, _SKIP_TEXT[k]) for k, v in bad.items()))
+            logger.warning("%s: skipped %s", ann_file, ", ".join(f"{v} {_SKIP_TEXT[k]}" for k, v in bad.items()))
 
     # --------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._records)
 
-    def image_classes(self, i: int) -> Set[int]:
+    def image_classes(self, i: int) -> set[int]:
         """Labels (= category ids for LVIS) present in image i, without loading it."""
         return set(self._classes[i])
 
-    def all_image_classes(self) -> List[Set[int]]:
+    def all_image_classes(self) -> list[set[int]]:
         return [set(c) for c in self._classes]
 
     def image_path(self, i: int) -> str:
         return self._records[i]["path"]
 
-    def annotations(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+    def annotations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(boxes [K, 4] x1y1x2y2 in original pixels, labels [K]) of image i, without loading it."""
         r = self._records[i]
         return r["boxes"].copy(), r["labels"].copy()
@@ -293,7 +292,7 @@ class LVISDetection(torch.utils.data.Dataset):
                 im = im.convert("RGB")
                 arr = np.asarray(im, dtype=np.uint8).copy()
         except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for damaged / truncated files
-            raise OSError("image %s (id %s of %s) cannot be decoded: %s" % (r["path"], r["id"], self.ann_file, err)) \
+            raise OSError(f"image {r['path']} (id {r['id']} of {self.ann_file}) cannot be decoded: {err}") \
                 from None
         image = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
         h, w = arr.shape[:2]
@@ -321,7 +320,7 @@ class DetectionTransform:
     torch's global generator."""
 
     def __init__(self, min_size=160, max_size=256, flip_prob: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, generator: Optional[random.Random] = None):
+                 std: Sequence[float] = IMAGENET_STD, generator: random.Random | None = None):
         self.min_sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
         self.max_size = max_size
         self.flip_prob = float(flip_prob)

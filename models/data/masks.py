@@ -16,7 +16,7 @@ Defects, each a key of `LVISDetection.skipped` when the dataset is built with ma
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ MASK_DEFECTS = {
     "missing_segmentation": "annotations without a polygon or RLE segmentation",
 }
 
-Segmentation = Union[List[List[float]], dict]
+Segmentation = list[list[float]] | dict
 
 
 def _mask_api():
@@ -43,8 +43,8 @@ def _mask_api():
     return mask_api
 
 
-def check_segmentation(seg, height: Optional[int], width: Optional[int]) -> Tuple[Optional[Segmentation],
-                                                                                   Optional[str]]:
+def check_segmentation(seg, height: int | None, width: int | None) -> tuple[Segmentation | None,
+                                                                                   str | None]:
     """(the segmentation in a canonical form, None) or (None, the defect's key)."""
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
@@ -85,7 +85,7 @@ def check_segmentation(seg, height: Optional[int], width: Optional[int]) -> Tupl
     return None, "missing_segmentation"
 
 
-def rasterize(segs: Sequence[Segmentation], orig_size: Tuple[int, int], size: Tuple[int, int],
+def rasterize(segs: Sequence[Segmentation], orig_size: tuple[int, int], size: tuple[int, int],
               flipped: bool = False) -> torch.Tensor:
     """uint8 masks [K, h, w] at `size` = (h, w) of the segmentations given for an image of `orig_size`: polygons
     scaled by size / orig_size (x -> w - x when flipped), RLEs resized by nearest neighbour."""
@@ -123,7 +123,7 @@ def rasterize(segs: Sequence[Segmentation], orig_size: Tuple[int, int], size: Tu
     return torch.from_numpy(out)
 
 
-def masks_to_rle(masks: torch.Tensor) -> List[dict]:
+def masks_to_rle(masks: torch.Tensor) -> list[dict]:
     """bool / uint8 masks [K, H, W] -> COCO RLE dicts with str counts (what LVIS result files hold)."""
     mask_api = _mask_api()
     if masks.shape[0] == 0:
@@ -135,8 +135,8 @@ def masks_to_rle(masks: torch.Tensor) -> List[dict]:
     return rles
 
 
-def paste_to_rle(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5,
-                 chunk_size: int = 32) -> List[dict]:
+def paste_to_rle(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float = 0.5,
+                 chunk_size: int = 32) -> list[dict]:
     """Mask probabilities [K, M, M] of boxes [K, 4] (x1y1x2y2 image pixels) -> K COCO RLE dicts at image_size (h, w):
     pasted by `ltkernels.paste_masks_chunks` (`chunk_size` full-size masks at a time, one reused buffer) and encoded
     chunk by chunk, so memory stays bounded with 300 detections of a large image."""
@@ -144,7 +144,7 @@ def paste_to_rle(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int
 
     if masks.shape[0] == 0:
         return []
-    rles: List[dict] = []
+    rles: list[dict] = []
     for _, chunk in ltkernels.paste_masks_chunks(masks.float(), boxes.to(masks.device).float(), image_size,
                                                  threshold, chunk_size=chunk_size):
         rles.extend(masks_to_rle(chunk))

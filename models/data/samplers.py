@@ -9,7 +9,7 @@ beginning, like `DistributedSampler`) and gives replica k the indices k, k + R, 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 __all__ = ["repeat_factors", "RepeatFactorSampler", "BiLevelClassSampler"]
 
 
-def _dist_info(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:
+def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     if num_replicas is None or rank is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             ws, rk = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -26,11 +26,11 @@ def _dist_info(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, i
         num_replicas = ws if num_replicas is None else num_replicas
         rank = rk if rank is None else rank
     if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError("invalid rank %d for %d replicas" % (rank, num_replicas))
+        raise ValueError(f"invalid rank {rank} for {num_replicas} replicas")
     return int(num_replicas), int(rank)
 
 
-def repeat_factors(image_classes: Sequence[Iterable[int]], num_images_per_class: Optional[Dict[int, int]] = None,
+def repeat_factors(image_classes: Sequence[Iterable[int]], num_images_per_class: dict[int, int] | None = None,
                    threshold: float = 0.001) -> torch.Tensor:
     """Per-image repeat factors (float64 tensor [num_images]).
 
@@ -66,8 +66,8 @@ class RepeatFactorSampler(Sampler):
     right after them (once; later iterations start the epoch from the beginning).
     """
 
-    def __init__(self, repeat_factors, seed: int = 0, shuffle: bool = True, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None):
+    def __init__(self, repeat_factors, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
+                 rank: int | None = None):
         self.repeat_factors = torch.as_tensor(repeat_factors, dtype=torch.float64).flatten()
         if (self.repeat_factors < 0).any():
             raise ValueError("repeat factors must be non-negative")
@@ -77,7 +77,7 @@ class RepeatFactorSampler(Sampler):
         self.epoch = 0
         self._index = 0          # indices yielded so far in the current epoch (by the running iterator)
         self._resume_from = 0    # start offset of the next iteration (set by load_state_dict)
-        self._cache: Optional[Tuple[int, List[int]]] = None
+        self._cache: tuple[int, list[int]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != self.epoch:
@@ -85,7 +85,7 @@ class RepeatFactorSampler(Sampler):
         self.epoch = int(epoch)
         self._index = 0
 
-    def _epoch_indices(self) -> List[int]:
+    def _epoch_indices(self) -> list[int]:
         """All indices of this rank for the current epoch (deterministic in seed and epoch)."""
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
@@ -123,7 +123,7 @@ class RepeatFactorSampler(Sampler):
 
     def load_state_dict(self, state: dict) -> None:
         if "seed" in state and int(state["seed"]) != self.seed:
-            raise ValueError("state was saved with seed %d, this sampler has seed %d" % (state["seed"], self.seed))
+            raise ValueError(f"state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
         self.epoch = int(state["epoch"])
         self._index = int(state["index"])
         self._resume_from = int(state["index"])
@@ -135,13 +135,13 @@ class BiLevelClassSampler(Sampler):
     pairs; the same seed (and epoch, see `set_epoch`) gives the same sequence."""
 
     def __init__(self, image_classes: Sequence[Iterable[int]], num_samples: int, seed: int = 0):
-        by_class: Dict[int, List[int]] = {}
+        by_class: dict[int, list[int]] = {}
         for i, s in enumerate(image_classes):
             for c in sorted(set(int(c) for c in s)):
                 by_class.setdefault(c, []).append(i)
         if not by_class:
             raise ValueError("no image contains any class")
-        self.classes: List[int] = sorted(by_class)
+        self.classes: list[int] = sorted(by_class)
         self.images_per_class = {c: torch.tensor(v, dtype=torch.int64) for c, v in by_class.items()}
         self.num_samples = int(num_samples)
         self.seed = int(seed)
@@ -153,7 +153,7 @@ class BiLevelClassSampler(Sampler):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator()
         g.manual_seed(self.seed + 1_000_003 * self.epoch)
         cls = torch.randint(len(self.classes), (self.num_samples,), generator=g).tolist()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,7 +34,7 @@ __all__ = ["write_synthetic_lvis", "class_attributes", "SHAPES", "COLOURS", "TEX
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "dome", "ring", "bowtie",
           "ellipse"]
-COLOURS: List[Tuple[str, Tuple[int, int, int]]] = [
+COLOURS: list[tuple[str, tuple[int, int, int]]] = [
     ("red", (230, 25, 75)), ("green", (60, 180, 75)), ("yellow", (255, 225, 25)), ("blue", (0, 130, 200)),
     ("orange", (245, 130, 48)), ("purple", (145, 30, 180)), ("cyan", (70, 240, 240)), ("magenta", (240, 50, 230)),
     ("lime", (190, 245, 60)), ("pink", (250, 170, 190)), ("teal", (0, 128, 128)), ("lavender", (200, 170, 255)),
@@ -55,18 +55,18 @@ def frequency_of(image_count: int) -> str:
     return "f"
 
 
-def class_attributes(k: int) -> Tuple[str, str, str]:
+def class_attributes(k: int) -> tuple[str, str, str]:
     """(shape, colour name, texture) of the 0-based class index k."""
     return SHAPES[k % len(SHAPES)], COLOURS[k % len(COLOURS)][0], TEXTURES[k % len(TEXTURES)]
 
 
 # ----------------------------------------------------------------------------------------------- shapes
-def _regular(n: int, start: float = -math.pi / 2, r: float = 0.5) -> List[Tuple[float, float]]:
+def _regular(n: int, start: float = -math.pi / 2, r: float = 0.5) -> list[tuple[float, float]]:
     return [(0.5 + r * math.cos(start + 2 * math.pi * i / n), 0.5 + r * math.sin(start + 2 * math.pi * i / n))
             for i in range(n)]
 
 
-def _star() -> List[Tuple[float, float]]:
+def _star() -> list[tuple[float, float]]:
     pts = []
     for i in range(10):
         r = 0.5 if i % 2 == 0 else 0.21
@@ -75,7 +75,7 @@ def _star() -> List[Tuple[float, float]]:
     return pts
 
 
-def _shape_polygons(shape: str) -> Tuple[List[List[Tuple[float, float]]], List[List[Tuple[float, float]]]]:
+def _shape_polygons(shape: str) -> tuple[list[list[tuple[float, float]]], list[list[tuple[float, float]]]]:
     """(filled polygons, hole polygons) of a shape in unit coordinates [0, 1]^2."""
     if shape == "circle" or shape == "ellipse":
         return [_regular(32)], []
@@ -150,7 +150,7 @@ def _texture(texture: str, mask: np.ndarray, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- class counts
-def _log_spaced(n: int, hi: float, lo: float) -> List[float]:
+def _log_spaced(n: int, hi: float, lo: float) -> list[float]:
     if n <= 0:
         return []
     if n == 1:
@@ -168,10 +168,10 @@ def _train_profile(num_classes: int) -> np.ndarray:
     return np.array(prof, dtype=np.float64)
 
 
-def _assign(counts: np.ndarray, num_images: int, rng: np.random.Generator) -> List[List[int]]:
+def _assign(counts: np.ndarray, num_images: int, rng: np.random.Generator) -> list[list[int]]:
     """Give each class c (0-based) counts[c] distinct images, balancing the number of classes per image."""
     load = np.zeros(num_images, dtype=np.float64)
-    per_image: List[List[int]] = [[] for _ in range(num_images)]
+    per_image: list[list[int]] = [[] for _ in range(num_images)]
     for c in np.argsort(-counts, kind="stable"):
         t = int(min(counts[c], num_images))
         key = load + rng.uniform(0.0, 1.5, size=num_images)
@@ -203,7 +203,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _place(boxes: List[Tuple[int, int, int, int]], w: int, h: int, W: int, H: int,
+def _place(boxes: list[tuple[int, int, int, int]], w: int, h: int, W: int, H: int,
            rng: np.random.Generator, margin: int = 2):
     if w > W - 2 or h > H - 2:
         return None
@@ -221,9 +221,9 @@ def _place(boxes: List[Tuple[int, int, int, int]], w: int, h: int, W: int, H: in
 
 
 def _render_image(classes: Sequence[int], H: int, W: int, rng: np.random.Generator,
-                  obj_range: Tuple[int, int], extra_instance_prob: float):
+                  obj_range: tuple[int, int], extra_instance_prob: float):
     img = _background(H, W, rng)
-    placed: List[Tuple[int, int, int, int]] = []
+    placed: list[tuple[int, int, int, int]] = []
     anns = []
     lo, hi = obj_range
     for c in classes:  # rarest first (caller orders): they get the free space
@@ -275,7 +275,7 @@ def _render_image(classes: Sequence[int], H: int, W: int, rng: np.random.Generat
 
 
 # -------------------------------------------------------------------------------------------- writer
-def _split(name: str, folder: str, first_id: int, per_image: List[List[int]], counts_rank: np.ndarray,
+def _split(name: str, folder: str, first_id: int, per_image: list[list[int]], counts_rank: np.ndarray,
            out_dir: str, image_root: str, H: int, W: int, seed: int, split_key: int, num_classes: int,
            obj_range, extra_instance_prob: float, neg_per_image: int, not_exhaustive_frac: float):
     os.makedirs(os.path.join(image_root, folder), exist_ok=True)
@@ -287,7 +287,7 @@ def _split(name: str, folder: str, first_id: int, per_image: List[List[int]], co
         img_id = first_id + i
         classes = sorted(classes, key=lambda c: (counts_rank[c], c))  # rarest first
         pixels, anns = _render_image(classes, H, W, rng, obj_range, extra_instance_prob)
-        fname = "%012d.png" % img_id
+        fname = f"{img_id:012d}.png"
         Image.fromarray(pixels).save(os.path.join(image_root, folder, fname), format="PNG", compress_level=1)
         present = sorted({a["category_id"] for a in anns})
         absent = np.setdiff1d(all_ids, np.array(present, dtype=np.int64))
@@ -298,8 +298,8 @@ def _split(name: str, folder: str, first_id: int, per_image: List[List[int]], co
             not_ex = [int(present[int(rng.integers(0, len(present)))])]
         images.append({
             "id": img_id, "width": W, "height": H, "license": 1,
-            "coco_url": "%s/%s/%s" % (_URL_PREFIX, folder, fname),
-            "flickr_url": "%s/%s/%s" % (_URL_PREFIX, folder, fname),
+            "coco_url": f"{_URL_PREFIX}/{folder}/{fname}",
+            "flickr_url": f"{_URL_PREFIX}/{folder}/{fname}",
             "date_captured": "2026-01-01 00:00:00",
             "neg_category_ids": neg, "not_exhaustive_category_ids": not_ex,
         })
@@ -312,10 +312,10 @@ def _split(name: str, folder: str, first_id: int, per_image: List[List[int]], co
 
 
 def write_synthetic_lvis(out_dir: str, num_classes: int = 40, num_train_images: int = 900,
-                         num_val_images: int = 200, image_size: Tuple[int, int] = (160, 160), seed: int = 0,
-                         object_size: Tuple[int, int] | None = None, mean_classes_per_image: float = 3.0,
+                         num_val_images: int = 200, image_size: tuple[int, int] = (160, 160), seed: int = 0,
+                         object_size: tuple[int, int] | None = None, mean_classes_per_image: float = 3.0,
                          min_val_images_per_class: int = 3, neg_per_image: int | None = None,
-                         not_exhaustive_frac: float = 0.02) -> Dict[str, object]:
+                         not_exhaustive_frac: float = 0.02) -> dict[str, object]:
     """Write the synthetic long-tail dataset under `out_dir` and return its paths and statistics.
 
     Returns a dict with `train_ann`, `val_ann` (paths of `lvis_v1_train_synth.json` / `lvis_v1_val_synth.json`),
@@ -326,7 +326,7 @@ def write_synthetic_lvis(out_dir: str, num_classes: int = 40, num_train_images: 
     fraction of training images marking one present category not exhaustive (val: none).
     """
     if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError("num_classes must be in [1, %d], got %d" % (MAX_CLASSES, num_classes))
+        raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
     H, W = int(image_size[0]), int(image_size[1])
     if min(H, W) < 48:
         raise ValueError("image_size must be at least 48x48")
@@ -377,11 +377,11 @@ def write_synthetic_lvis(out_dir: str, num_classes: int = 40, num_train_images: 
     categories = []
     for k in range(num_classes):
         shape, colour, texture = class_attributes(k)
-        name = "%s_%s_%s" % (colour, texture, shape)
+        name = f"{colour}_{texture}_{shape}"
         ic = int(image_count[k + 1])
         categories.append({
-            "id": k + 1, "name": name, "synset": "%s.n.01" % name, "synonyms": [name],
-            "def": "a %s %s %s" % (colour, texture, shape),
+            "id": k + 1, "name": name, "synset": f"{name}.n.01", "synonyms": [name],
+            "def": f"a {colour} {texture} {shape}",
             "frequency": frequency_of(ic) if ic > 0 else "r",
             "image_count": ic, "instance_count": int(instance_count[k + 1]),
         })

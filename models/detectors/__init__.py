@@ -2,8 +2,8 @@
 one-stage detector (focal loss / EFL) and the EFL paper's improved one-stage baseline, ATSS with an IoU branch
 (focal loss / EFL / QFL / EQFL)."""
 from ..configs.schema import model_config
-from .backbone import build_backbone
 from .atss import ATSSDetector
+from .backbone import build_backbone
 from .one_stage import OneStageDetector
 from .two_stage import TwoStageDetector
 

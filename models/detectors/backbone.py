@@ -15,7 +15,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..configs.schema import model_config
 
 
-
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -35,7 +34,7 @@ class TinyFPNBackbone(nn.Module):
         self.out_channels = out_channels
         self.strides = tuple(2 ** lv for lv in self.levels)
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.stem(x)
         feats = OrderedDict()
         for lv, stage in enumerate(self.stages, start=2):
@@ -54,8 +53,8 @@ class ResNetFPNBackbone(nn.Module):
     def __init__(self, name: str = "resnet50", one_stage: bool = False, trainable_layers: int = 3,
                  out_channels: int = 256):
         super().__init__()
-        from torchvision.models.detection.backbone_utils import BackboneWithFPN
         from torchvision.models import resnet
+        from torchvision.models.detection.backbone_utils import BackboneWithFPN
         from torchvision.ops.misc import FrozenBatchNorm2d
 
         self.name = name

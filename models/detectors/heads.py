@@ -10,8 +10,8 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import box_iou, clip_boxes_to_image
 
 import ltkernels
-from ..configs.schema import model_config
 
+from ..configs.schema import model_config
 
 
 def match_labels(matcher: Matcher, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, boxes: torch.Tensor):

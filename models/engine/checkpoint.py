@@ -9,11 +9,10 @@ and numpy give as tuples of their own types, are converted to tensors and number
 (`--trust-checkpoint` on the command line)."""
 from __future__ import annotations
 
-import logging
 import _compat_pickle
 import io
+import logging
 import os
-import pickle
 import pickletools
 import random
 import re

@@ -40,7 +40,8 @@ returned dict, `metrics.json` and `results.json` have the same layout):
   rules in C++ (detections of a category neither in an image's GT nor in its `neg_category_ids` are dropped;
   unmatched detections of a category in `not_exhaustive_category_ids` are ignored; frequency groups from the
   categories' `frequency`; area ranges [0, 32^2], [32^2, 96^2], [96^2, 1e10]; `maxDets = [max_dets]`), several
-  times faster (figures: bench/NOTES.md, "Evaluation backends").  Where it differs from lvis-api (only the last can matter):
+  times faster (figures: bench/NOTES.md, "Evaluation backends").  Where it differs from lvis-api (only the last can
+  matter):
   precision is tp / (tp + fp) where lvis-api divides by tp + fp + eps (differences of ~1e-16); `max_dets` is
   applied per (image, category) where lvis-api applies it per image (a no-op, as the results are already cut per
   image); a GT annotation's `ignore` flag is replaced by its `iscrowd` (crowd boxes are ignored and may match
@@ -58,7 +59,6 @@ import os
 import tempfile
 import warnings
 from collections import defaultdict
-from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -96,8 +96,8 @@ def _to_numpy(x, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def detections_to_results(detections: List[dict], max_dets: int = 300,
-                          label_to_category_id: Optional[Dict[int, int]] = None) -> List[dict]:
+def detections_to_results(detections: list[dict], max_dets: int = 300,
+                          label_to_category_id: dict[int, int] | None = None) -> list[dict]:
     """Per-image detections -> LVIS result list (xywh boxes, at most `max_dets` per image by score); a detection
     dict with `segmentations` (a list of RLE dicts, one per box) adds each one's `segmentation`."""
     results = []
@@ -107,11 +107,11 @@ def detections_to_results(detections: List[dict], max_dets: int = 300,
         scores = _to_numpy(det["scores"], np.float64).reshape(-1)
         labels = _to_numpy(det["labels"], np.int64).reshape(-1)
         if not (len(boxes) == len(scores) == len(labels)):
-            raise ValueError("image %d: boxes, scores and labels differ in length (%d, %d, %d)"
-                             % (img_id, len(boxes), len(scores), len(labels)))
+            raise ValueError(f"image {img_id}: boxes, scores and labels differ in length "
+                             f"({len(boxes)}, {len(scores)}, {len(labels)})")
         segs = det.get("segmentations")
         if segs is not None and len(segs) != len(boxes):
-            raise ValueError("image %d: %d segmentations for %d boxes" % (img_id, len(segs), len(boxes)))
+            raise ValueError(f"image {img_id}: {len(segs)} segmentations for {len(boxes)} boxes")
         order = np.argsort(-scores, kind="stable")
         if max_dets is not None and max_dets >= 0:
             order = order[:max_dets]
@@ -172,7 +172,7 @@ def _lvis_compatible(gt: dict) -> dict:
     return gt
 
 
-def _empty_metrics(gt: dict, train_counts: Dict[int, int]) -> dict:
+def _empty_metrics(gt: dict, train_counts: dict[int, int]) -> dict:
     with_gt = {int(a["category_id"]) for a in gt["annotations"]}
     freq = {int(c["id"]): c.get("frequency") for c in gt["categories"]}
     per_class = {int(c["id"]): (0.0 if int(c["id"]) in with_gt else -1.0) for c in gt["categories"]}
@@ -180,7 +180,7 @@ def _empty_metrics(gt: dict, train_counts: Dict[int, int]) -> dict:
     areas = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, 1e10)}
     for key, (lo, hi) in areas.items():
         m[key] = 0.0 if any(lo <= float(a["area"]) <= hi for a in gt["annotations"]) else -1.0
-        m["AR%s@300" % key[2]] = m[key]
+        m[f"AR{key[2]}@300"] = m[key]
     for key, f in (("APr", "r"), ("APc", "c"), ("APf", "f")):
         m[key] = 0.0 if any(freq[c] == f for c in with_gt) else -1.0
     # precision 0 for every class with ground truth, -1 (undefined) for the others
@@ -189,7 +189,7 @@ def _empty_metrics(gt: dict, train_counts: Dict[int, int]) -> dict:
     return m
 
 
-def _class_metrics(precision: np.ndarray, cat_ids: List[int], train_counts: Dict[int, int]) -> dict:
+def _class_metrics(precision: np.ndarray, cat_ids: list[int], train_counts: dict[int, int]) -> dict:
     """`per_class_ap` and AP1..AP4 from an evaluator's precision [T, R, K] (area 'all', K in `cat_ids` order).
 
     A class's AP is the mean of its entries > -1 (-1.0 if none: no ground truth); a bin's AP is the mean over
@@ -203,7 +203,7 @@ def _class_metrics(precision: np.ndarray, cat_ids: List[int], train_counts: Dict
     out = {"per_class_ap": per_class}
     for b in range(1, 5):
         vals = [ap for cid, ap in per_class.items() if ap >= 0 and instance_bin(train_counts.get(cid, 0)) == b]
-        out["AP%d" % b] = float(np.mean(vals)) if vals else -1.0
+        out[f"AP{b}"] = float(np.mean(vals)) if vals else -1.0
     return out
 
 
@@ -212,12 +212,13 @@ def _import_faster_coco_eval():
         from faster_coco_eval import COCO, COCOeval_faster
     except Exception as e:  # not installed, or a broken build (a missing symbol, a numpy ABI mismatch)
         raise ImportError("backend='faster-coco-eval' needs the faster-coco-eval package, which failed to import "
-                          "(%s: %s); install it (pip install faster-coco-eval, or this package's [models] extra) "
-                          "or use backend='lvis'" % (type(e).__name__, e)) from e
+                          f"({type(e).__name__}: {e}); install it (pip install faster-coco-eval, or this package's "
+                          "[models] extra) "
+                          "or use backend='lvis'") from e
     return COCO, COCOeval_faster
 
 
-def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: int, iou_type: str = "bbox"):
+def _run_lvis(gt: dict, gt_path: str | None, results: list[dict], max_dets: int, iou_type: str = "bbox"):
     """lvis-api: (summary {AP.., AR@N, ARs@N..}, precision [T, R, K] for area 'all', category ids of K)."""
     _np_compat()
     from lvis import LVIS, LVISEval, LVISResults
@@ -251,7 +252,7 @@ def _run_lvis(gt: dict, gt_path: Optional[str], results: List[dict], max_dets: i
     return summary, ev.eval["precision"][:, :, :, 0], list(ev.params.cat_ids)
 
 
-def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int, iou_type: str = "bbox"):
+def _run_faster_coco_eval(gt: dict, results: list[dict], max_dets: int, iou_type: str = "bbox"):
     """faster-coco-eval in LVIS mode: the same triple as `_run_lvis` (see the module docstring for the rules)."""
     COCO, COCOeval_faster = _import_faster_coco_eval()
     if any(a.get("iscrowd") or a.get("ignore") for a in gt["annotations"]):
@@ -273,18 +274,18 @@ def _run_faster_coco_eval(gt: dict, results: List[dict], max_dets: int, iou_type
     s = ev.stats_as_dict
     summary = {"AP": s["AP_all"], "AP50": s["AP_50"], "AP75": s["AP_75"], "APs": s["AP_small"],
                "APm": s["AP_medium"], "APl": s["AP_large"], "APr": s["APr"], "APc": s["APc"], "APf": s["APf"],
-               "AR@%d" % max_dets: s["AR_all"], "ARs@%d" % max_dets: s["AR_small"],
-               "ARm@%d" % max_dets: s["AR_medium"], "ARl@%d" % max_dets: s["AR_large"]}
+               f"AR@{max_dets}": s["AR_all"], f"ARs@{max_dets}": s["AR_small"],
+               f"ARm@{max_dets}": s["AR_medium"], f"ARl@{max_dets}": s["AR_large"]}
     # precision is [T, R, K, A, M]: area 'all' (index 0), the one maxDets value
     return ({k: float(v) for k, v in summary.items()}, ev.eval["precision"][:, :, :, 0, -1],
             [int(c) for c in ev.params.catIds])
 
 
-def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optional[str] = None,
+def evaluate_detections(gt_ann_file: str, detections: list[dict], out_dir: str | None = None,
                         max_dets: int = 300, backend: str = "lvis",
-                        label_to_category_id: Optional[Dict[int, int]] = None,
-                        train_instance_counts: Optional[Dict[int, int]] = None,
-                        segm: Optional[bool] = None) -> dict:
+                        label_to_category_id: dict[int, int] | None = None,
+                        train_instance_counts: dict[int, int] | None = None,
+                        segm: bool | None = None) -> dict:
     """Evaluate detections against an LVIS (or COCO) GT file; see the module docstring for the metrics.
 
     `detections`: list of {"image_id", "boxes" [K, 4] x1y1x2y2 original pixels, "scores" [K], "labels" [K]}
@@ -297,7 +298,7 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
     Writes `metrics.json` and `results.json` into `out_dir` when given.
     """
     if backend not in BACKENDS:
-        raise ValueError("unknown backend %r (use 'lvis' or 'faster-coco-eval')" % backend)
+        raise ValueError(f"unknown backend {backend!r} (use 'lvis' or 'faster-coco-eval')")
     if backend == "faster-coco-eval":
         _import_faster_coco_eval()  # fail before any work, empty results included
 
@@ -308,13 +309,12 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
     results = detections_to_results(detections, max_dets=max_dets, label_to_category_id=label_to_category_id)
     unknown = {r["image_id"] for r in results} - gt_img_ids
     if unknown:
-        raise ValueError("detections for %d image ids absent from %s (e.g. %d)"
-                         % (len(unknown), gt_ann_file, min(unknown)))
+        raise ValueError(f"detections for {len(unknown)} image ids absent from {gt_ann_file} (e.g. {min(unknown)})")
     cat_ids = sorted(int(c["id"]) for c in gt["categories"])
     known_cats = set(cat_ids)
     bad_cats = {r["category_id"] for r in results} - known_cats
     if bad_cats:
-        raise ValueError("detections with category ids absent from %s: %s" % (gt_ann_file, sorted(bad_cats)[:10]))
+        raise ValueError(f"detections with category ids absent from {gt_ann_file}: {sorted(bad_cats)[:10]}")
 
     if train_instance_counts is not None:
         train_counts = {int(k): int(v) for k, v in train_instance_counts.items()}
@@ -329,8 +329,8 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
 
     with_segm = sum("segmentation" in r for r in results)
     if with_segm and with_segm != len(results):
-        raise ValueError("%d of the %d detections carry a segmentation: give every detection one (mask "
-                         "evaluation) or none" % (with_segm, len(results)))
+        raise ValueError(f"{with_segm} of the {len(results)} detections carry a segmentation: give every detection "
+                         "one (mask evaluation) or none")
     segm = bool(with_segm) if segm is None else bool(segm)
     if segm:
         if results and not with_segm:
@@ -338,10 +338,10 @@ def evaluate_detections(gt_ann_file: str, detections: List[dict], out_dir: Optio
         # the raw file's annotations: the COCO conversion gives box outlines to those without one
         no_seg = sum(1 for a in raw_gt["annotations"] if not a.get("segmentation") and not a.get("iscrowd", 0))
         if no_seg:
-            raise ValueError("%s: %d ground-truth annotations have no segmentation, so masks cannot be evaluated"
-                             % (gt_ann_file, no_seg))
+            raise ValueError(f"{gt_ann_file}: {no_seg} ground-truth annotations have no segmentation, so masks cannot "
+                             "be evaluated")
 
-    def run(res: List[dict], iou_type: str) -> dict:
+    def run(res: list[dict], iou_type: str) -> dict:
         if not res:
             m = _empty_metrics(gt, train_counts)
         else:

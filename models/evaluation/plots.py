@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import matplotlib
 
@@ -25,7 +25,7 @@ def _num(v) -> float:
     return float(v)
 
 
-def plot_ap_vs_instances(per_class_ap: Mapping, instance_counts: Mapping, weight_norms: Optional[Mapping],
+def plot_ap_vs_instances(per_class_ap: Mapping, instance_counts: Mapping, weight_norms: Mapping | None,
                          path: str, title: str = "") -> str:
     """Scatter of per-class AP (left axis) against the class's training instance count (log x), and, when
     `weight_norms` is given, the classifier weight norm of each class on a second axis.  Keys are category
