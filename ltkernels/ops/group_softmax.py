@@ -36,8 +36,7 @@ __all__ = ["BalancedGroups", "GroupTables", "GroupSoftmaxLoss", "group_softmax_l
            "group_softmax_selection"]
 
 
-@torch.jit.script
-class GroupTables:
+class GroupTables:  # compiled by TorchScript when first used (no import-time compilation)
     """TorchScript's type of a group layout: the sizes and tables of :class:`BalancedGroups` that the loss and
     the scores read. A `BalancedGroups` is accepted wherever a scripted function takes a `GroupTables` (TorchScript
     copies these attributes from it); annotate TorchScript code's layout arguments with this class."""
@@ -192,6 +191,12 @@ class BalancedGroups:
                                     "column_label", "label_targets")}
         return self._cache[device]
 
+    def script_tables(self) -> GroupTables:
+        """The layout as a :class:`GroupTables`, e.g. the attribute of a module that is to be scripted and calls
+        `group_softmax_scores` / `group_softmax_loss` (a BalancedGroups attribute cannot be scripted)."""
+        return GroupTables(self.num_classes, self.num_groups, self.num_logits, self.label_group,
+                           self.label_position, self.score_column, self.group_offsets, self.label_targets)
+
     def _check_group(self, g: int, low: int) -> None:
         if not isinstance(g, int) or not low <= g <= self.num_groups:
             raise IndexError(f"group must be an int in {low}..{self.num_groups}, got {g!r}")
@@ -314,10 +319,10 @@ def _tables(groups: GroupTables, device: torch.device) -> Dict[str, Tensor]:
 
 
 def _check_generator(generator: Optional[torch.Generator], logits: Tensor) -> None:
-    if generator is not None:
-        if not torch.jit.is_scripting():
-            if not isinstance(generator, torch.Generator):
-                raise ArgumentTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    # TorchScript's Generator has no device: there torch.randperm refuses a generator of another device itself
+    if not torch.jit.is_scripting() and generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ArgumentTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != logits.device.type:
             raise ArgumentValueError(f"generator is on {generator.device} but logits are on {logits.device}")
 
@@ -383,9 +388,10 @@ class GroupSoftmaxLoss(nn.Module):
     """BAGS loss as a module. Give `instance_counts` (``counts[c - 1]`` for label c, split by `bounds`) or a ready
     `groups` layout; ``.groups`` is the :class:`BalancedGroups` in use. `label_layout` as in `group_softmax_loss`.
 
-    The tables the loss reads are buffers (`label_group`, `label_targets`, `group_offsets`; not in `state_dict`:
-    they follow from the layout), so the module moves with `.to(device)` and scripts (torch.jit.script) to the
-    same loss, gradients and, with a `generator` in the same state, the same draw."""
+    The tables the loss reads (`label_group`, `label_targets`, `group_offsets`) are tensor attributes that move
+    with `.to(device)` but stay out of `state_dict` (they follow from the layout; TorchScript would save
+    non-persistent buffers in it). The module scripts (torch.jit.script) to the same loss, gradients and, with a
+    `generator` in the same state, the same draw."""
 
     __jit_ignored_attributes__ = ["groups"]
 
@@ -401,16 +407,25 @@ class GroupSoftmaxLoss(nn.Module):
         self.groups = groups
         self.num_classes = groups.num_classes
         self.num_groups = groups.num_groups
-        for name in ("label_group", "label_targets", "group_offsets"):
-            self.register_buffer(name, getattr(groups, name).clone(), persistent=False)
+        self.label_group = groups.label_group.clone()
+        self.label_targets = groups.label_targets.clone()
+        self.group_offsets = groups.group_offsets.clone()
         self.others_ratio = _check_ratio(others_ratio)
         self.ignore_index = int(ignore_index)
         background_last(label_layout)  # validates the name
         self.label_layout = label_layout
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.label_group, self.label_targets, self.group_offsets = (
+            fn(self.label_group), fn(self.label_targets), fn(self.group_offsets))
+        return self
+
     def forward(self, logits: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        tables = {"label_group": self.label_group, "label_targets": self.label_targets,
-                  "group_offsets": self.group_offsets}
+        # (a no-op on the module's device; a scripted module's tensor attributes do not follow its .to())
+        tables = {"label_group": self.label_group.to(logits.device),
+                  "label_targets": self.label_targets.to(logits.device),
+                  "group_offsets": self.group_offsets.to(logits.device)}
         return _loss(logits, labels, tables, self.num_classes, self.num_groups, self.others_ratio, generator,
                      self.ignore_index, self.label_layout)
 
