@@ -1,5 +1,6 @@
-"""TorchScript and torch.fx: the public RoIAlign / NMS functions and modules script, survive save/load, give the eager
-results and keep their error messages; torch.fx treats them as leaves."""
+"""TorchScript and torch.fx: the public RoIAlign / NMS functions and modules, the losses and the BAGS scores script,
+survive save/load, give the eager results (and statistics) and keep their error messages; torch.fx treats the ops as
+leaves."""
 import pytest
 import torch
 
@@ -100,3 +101,153 @@ def test_fx_symbolic_trace_keeps_the_ops_as_leaves():
     rois = torch.cat([torch.zeros(5, 1), b], 1)
     assert sum(getattr(n.target, "__name__", "") == "roi_align" for n in gm.graph.nodes) == 2
     torch.testing.assert_close(gm(x, rois, b), Head()(x, rois, b))
+
+
+# ---- the losses, the BAGS scores and batched multi-class NMS ------------------------------------------------------
+COUNTS = [1, 20, 200, 2000, 5, 50, 3000]  # 7 classes in 4 groups: 13 logits
+
+
+def _same(a, b):
+    assert type(a) is type(b) or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)))
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        _same(list(a.values()), list(b.values()))
+    else:
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y)
+
+
+def _steps(eager, scripted, make_inputs, call, steps=3):
+    """The same inputs through both modules for a few steps: equal losses, gradients and buffers after each."""
+    for step in range(steps):
+        args = make_inputs(step)
+        grads = []
+        for module in (eager, scripted):
+            x = args[0].clone().requires_grad_(True)
+            loss = call(module, x, *args[1:])
+            (0.5 * loss).backward()  # an upstream loss weight reaches the statistics
+            grads.append((loss.detach(), x.grad))
+        _same(grads[0], grads[1])
+        for (name, a), (_, b) in zip(eager.named_buffers(), scripted.named_buffers()):
+            assert torch.equal(a, b), (step, name)
+
+
+def test_efl_module_scripts_with_its_statistics(tmp_path):
+    import copy
+
+    eager = ltkernels.EqualizedFocalLoss(6, label_layout="background_first")
+    scripted = torch.jit.script(copy.deepcopy(eager))  # scripting shares the buffers: script a copy
+
+    def inputs(step):
+        return torch.randn(40, 6), torch.randint(-1, 7, (40,)), [None, 3.0, torch.tensor(2.5)][step]
+
+    _steps(eager, scripted, inputs, lambda m, x, y, norm: m(x, y, norm))
+    assert not torch.equal(eager.pos_neg, torch.ones(6))  # the statistics did move
+    # state_dict round trip both ways, and a saved scripted module resumes with its buffers
+    fresh = ltkernels.EqualizedFocalLoss(6)
+    fresh.load_state_dict(scripted.state_dict())
+    _same(dict(fresh.state_dict()), dict(eager.state_dict()))
+    path = tmp_path / "efl.pt"
+    scripted.save(str(path))
+    loaded = torch.jit.load(str(path))
+    _same(dict(loaded.state_dict()), dict(eager.state_dict()))
+    _steps(eager, loaded, inputs, lambda m, x, y, norm: m(x, y, norm), steps=1)
+    with pytest.raises(Exception, match="the loss was built for num_classes=6"):
+        scripted(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(Exception, match=r"labels must lie in 0..6"):
+        scripted(torch.randn(4, 6), torch.full((4,), 9))
+    with pytest.raises(Exception, match="normalizer must be > 0"):
+        scripted(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), 0.0)
+
+
+def test_group_softmax_module_scripts(tmp_path):
+    import copy
+
+    for layout in ("background_first", "background_last"):
+        eager = ltkernels.GroupSoftmaxLoss(COUNTS, others_ratio=2.0, label_layout=layout)
+        scripted = torch.jit.script(copy.deepcopy(eager))
+
+        def call(module, x, y, seed):
+            # the draw of the `others` rows: the same generator state gives the same draw, scripted or not
+            return module(x, y, torch.Generator().manual_seed(seed))
+
+        def inputs(step):
+            return torch.randn(50, 13), torch.randint(-1, 8, (50,)), 10 + step
+
+        _steps(eager, scripted, inputs, call)
+        assert dict(scripted.state_dict()) == {} == dict(eager.state_dict())  # the tables follow from the layout
+        assert copy.deepcopy(eager).to("meta").label_targets.device.type == "meta"  # they follow .to() though
+        path = tmp_path / f"bags-{layout}.pt"
+        scripted.save(str(path))
+        loaded = torch.jit.load(str(path))
+        _steps(eager, loaded, inputs, call, steps=1)
+    with pytest.raises(Exception, match=r"logits has 12 columns but the group layout has 13 logits"):
+        scripted(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(Exception, match="labels must lie in 0..7"):
+        scripted(torch.randn(4, 13), torch.full((4,), 9))
+
+
+def test_group_softmax_functions_script():
+    groups = ltkernels.BalancedGroups.from_instance_counts(COUNTS)
+    loss = torch.jit.script(ltkernels.group_softmax_loss)
+    scores = torch.jit.script(ltkernels.group_softmax_scores)
+    selection = torch.jit.script(ltkernels.group_softmax_selection)
+    x, y = torch.randn(30, 13), torch.randint(-1, 8, (30,))
+    for ratio in (1.0, 8.0, float("inf")):
+        got = loss(x, y, groups, ratio, torch.Generator().manual_seed(1))  # a BalancedGroups passes as GroupTables
+        want = ltkernels.group_softmax_loss(x, y, groups, ratio, torch.Generator().manual_seed(1))
+        assert torch.equal(got, want)
+        assert torch.equal(selection(y, groups, ratio, torch.Generator().manual_seed(2)),
+                           ltkernels.group_softmax_selection(y, groups, ratio, torch.Generator().manual_seed(2)))
+    for layout in ("background_first", "background_last"):
+        assert torch.equal(scores(x, groups, layout), ltkernels.group_softmax_scores(x, groups, layout))
+    with pytest.raises(Exception, match="label_layout must be"):
+        scores(x, groups, "mmdet")
+
+    class Head(torch.nn.Module):  # a module that keeps the layout and calls the functions
+        def __init__(self):
+            super().__init__()
+            self.layout = groups.script_tables()
+
+        def forward(self, x, y):
+            return ltkernels.group_softmax_scores(x, self.layout), ltkernels.group_softmax_loss(x, y, self.layout)
+
+    head = torch.jit.script(Head())
+    got = head(x, y)
+    assert torch.equal(got[0], ltkernels.group_softmax_scores(x, groups))
+    assert torch.equal(got[1], ltkernels.group_softmax_loss(x, y, groups, 8.0))  # ratio 8 >= N: no draw
+
+
+def test_efl_function_scripts():
+    f = torch.jit.script(ltkernels.equalized_focal_loss)
+    x, y = torch.randn(30, 5), torch.randint(-1, 6, (30,))
+    pos_neg = torch.rand(5)
+    for args in ((x, y), (x, y, pos_neg, 2.0), (x, y, pos_neg, torch.tensor([4.0]), 1.5, 4.0, -1.0)):
+        assert torch.equal(f(*args), ltkernels.equalized_focal_loss(*args))
+    with pytest.raises(Exception, match=r"alpha must lie in \[0, 1\]"):
+        f(x, y, None, None, 2.0, 8.0, 1.5)
+    with pytest.raises(Exception, match="pass both pos_grad and neg_grad"):
+        f(x, y, pos_neg, None, 2.0, 8.0, 0.25, -1, torch.zeros(5))
+
+
+def test_batched_multiclass_nms_scripts():
+    f = torch.jit.script(ltkernels.batched_multiclass_nms)
+    f_concat = torch.jit.script(ltkernels.batched_multiclass_nms_concat)
+    boxes, scores = [_boxes(20), _boxes(0), _boxes(15)], [torch.rand(20, 4), torch.rand(0, 4), torch.rand(15, 4)]
+    _same(f(boxes, scores, None, None, 0.05, 0.5, 10), ltkernels.batched_multiclass_nms(boxes, scores, None, None,
+                                                                                         0.05, 0.5, 10))
+    index = torch.tensor([2] * 15 + [0] * 20)
+    cat_b, cat_s = torch.cat(boxes[::-1]), torch.cat(scores[::-1])
+    _same(f(cat_b, cat_s, index, 3), ltkernels.batched_multiclass_nms(cat_b, cat_s, index, 3))
+    _same(f_concat(cat_b, cat_s, index, 3, label_layout="background_last"),
+          ltkernels.batched_multiclass_nms(cat_b, cat_s, index, 3, concat=True, label_layout="background_last"))
+    _same(f_concat(cat_b, cat_s, index, 3), ltkernels.batched_multiclass_nms_concat(cat_b, cat_s, index, 3))
+    with pytest.raises(Exception, match="call batched_multiclass_nms_concat"):
+        f(cat_b, cat_s, index, 3, concat=True)
+    with pytest.raises(Exception, match="one entry per image"):
+        f(boxes, scores[:2])
+    with pytest.raises(Exception, match="num_images must lie in"):
+        f(cat_b, cat_s, index, 10 ** 12)

@@ -298,3 +298,22 @@ class TestNMS:
         torch.testing.assert_close(ltkernels.batched_nms(boxes, scores, idxs, 0.9), vanilla)
         empty = torch.empty((0,), dtype=torch.int64)
         torch.testing.assert_close(empty, ltkernels.batched_nms(empty, None, None, None))
+
+
+def test_emulated_variants_reach_the_cuda_kernels():
+    """The emu-* variants above run the CUDA kernels' emulated build (not the CPU kernels under another name)."""
+    from ltkernels.testing import cuda_emulation as emulation
+
+    if not emulation.available():
+        pytest.skip("this build has no CUDA emulation (LTK_CUDA_EMU=ON, Boost.Context)")
+    x = torch.rand(2, 3, 10, 10, requires_grad=True)
+    rois = torch.tensor(ROIS, dtype=torch.float)
+    boxes, scores = _tensors_with_iou(50, 0.5)
+    with emulation.cuda_emulation(order="forward"):
+        before = emulation.stats()["launches"]
+        ltkernels.RoIAlign((5, 5), 1, -1)(x, rois).sum().backward()
+        after_roi_align = emulation.stats()["launches"]
+        ltkernels.nms(boxes, scores, 0.5)
+        ltkernels.batched_nms(boxes, scores, torch.randint(0, 3, (50,)), 0.5)
+        after_nms = emulation.stats()["launches"]
+    assert after_roi_align >= before + 2 and after_nms >= after_roi_align + 2
