@@ -251,3 +251,26 @@ def test_batched_multiclass_nms_scripts():
         f(boxes, scores[:2])
     with pytest.raises(Exception, match="num_images must lie in"):
         f(cat_b, cat_s, index, 10 ** 12)
+
+
+def test_scripted_losses_on_the_cuda_kernels(cuda_side):
+    """The scripted modules on the CUDA side (a GPU, or the emulated CUDA kernels) match eager on the CPU."""
+    import copy
+
+    efl = ltkernels.EqualizedFocalLoss(6)
+    bags = ltkernels.GroupSoftmaxLoss(COUNTS, others_ratio=float("inf"))  # no draw: the CPU and CUDA sides agree
+    scripted = [torch.jit.script(cuda_side.put(copy.deepcopy(m))) for m in (efl, bags)]
+    for step in range(2):
+        for eager, module, width in ((efl, scripted[0], 6), (bags, scripted[1], 13)):
+            x, y = torch.randn(40, width, dtype=torch.float64), torch.randint(-1, 7, (40,))
+            xs = cuda_side.put(x).requires_grad_(True)
+            x.requires_grad_(True)
+            want = eager(x, y)
+            want.backward()
+            with cuda_side:
+                got = module(xs, cuda_side.put(y))
+                got.backward()
+            torch.testing.assert_close(got.cpu(), want)
+            torch.testing.assert_close(xs.grad.cpu(), x.grad)
+    for (name, a), (_, b) in zip(efl.named_buffers(), scripted[0].named_buffers()):
+        torch.testing.assert_close(b.cpu(), a, msg=name)
