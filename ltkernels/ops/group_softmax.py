@@ -337,8 +337,8 @@ def group_softmax_selection(labels: Tensor, groups: GroupTables, others_ratio: f
     non-ignored rows; empty when g has no positive row. With the same `generator` state, `group_softmax_loss`
     draws exactly this selection. `groups`: a BalancedGroups (in TorchScript a GroupTables).
     """
-    tables = _tables(groups, labels.device)
     check_tensor("labels", labels, ndim=1)
+    tables = _tables(groups, labels.device)
     ratio = _check_ratio(others_ratio)
     if background_last(label_layout):
         labels = to_background_first(labels, groups.num_classes, ignore_index)
@@ -362,6 +362,7 @@ def group_softmax_loss(logits: Tensor, labels: Tensor, groups: GroupTables, othe
     `instance_counts` are the same in both: class order). Gradients reach only the rows and columns that
     contributed. Double backward (create_graph=True) raises. Scriptable.
     """
+    check_tensor("logits", logits)
     tables = _tables(groups, logits.device)
     return _loss(logits, labels, tables, groups.num_classes, groups.num_groups, others_ratio, generator,
                  ignore_index, label_layout)
@@ -443,6 +444,7 @@ def group_softmax_scores(logits: Tensor, groups: GroupTables, label_layout: str 
     is renormalised. Differentiable. Columns: background first, then the classes (label order); with
     `label_layout="background_last"` the classes first and background last (mmdet / detectron2). Scriptable
     (`groups` typed GroupTables there, a BalancedGroups passes for it)."""
+    check_tensor("logits", logits)
     t = _tables(groups, logits.device)
     _check_logits(logits, groups.num_classes, groups.num_groups)
     last = background_last(label_layout)
