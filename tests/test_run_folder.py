@@ -209,3 +209,46 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as code:
         ltk(["--version"])
     assert code.value.code == 0 and capsys.readouterr().out.startswith("ltk ")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact(data, tmp_path):
+    """A real `kill -9` of `ltk train` after a periodic checkpoint, then `--resume` without a path: the final weights
+    equal an uninterrupted run's bit for bit, and the history has every iteration once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 40
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "ltkernels.models.cli", "train", "--config", "one_stage_efl",
+                "--ann", data["train_ann"], "--images", data["image_root"], "--out", str(out), "--max-iter", str(n),
+                "--batch-size", "2", "--ckpt-every", "3", "--no-eval", "--set", "data.min_size=64",
+                "--set", "data.max_size=64", "--set", "solver.warmup_iters=2", *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(command(full), check=True, capture_output=True, env=env, timeout=600)
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    pointer = killed / "last_checkpoint"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and pointer.read_text().strip() >= "checkpoint_0000006.pt":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = pointer.read_text().strip()
+    assert killed_at.startswith("checkpoint_0") and not (killed / "checkpoint.pt").exists()  # before the end
+    subprocess.run(command(killed, "--resume"), check=True, capture_output=True, env=env, timeout=600)
+    a = ck.load_checkpoint(str(full / "checkpoint.pt"))
+    b = ck.load_checkpoint(str(killed / "checkpoint.pt"))
+    assert a["iteration"] == b["iteration"] == n
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    iters = [r["iter"] for r in read_jsonl(str(killed / "metrics.jsonl")) if r["type"] == "train"]
+    assert iters == list(range(1, n + 1))
+    assert not [f for f in os.listdir(killed) if f.endswith(".tmp")]
