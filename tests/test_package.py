@@ -89,3 +89,17 @@ def test_wheel_metadata_pins_the_torch_minor_it_was_built_against():
     deps = meta.dynamic_metadata("dependencies")
     assert deps[0] == meta.torch_requirement(torch.__version__) and "numpy" in deps
     assert not any(d.startswith(("torchvision", "tqdm", "lvis")) for d in deps)  # the models extra's
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], []])
+def test_ltk_front_end_answers_without_importing_torch(argv):
+    """`ltk --help` / `--version` / usage errors are answered by the torch-free front end (at once)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ltkernels_cli\n"
+            "try:\n    ltkernels_cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().endswith(("NO-TORCH 0", "NO-TORCH 2")), proc.stdout + proc.stderr
+    assert ("usage: ltk" in proc.stdout + proc.stderr) or "ltk 0." in proc.stdout
