@@ -233,6 +233,30 @@ def test_efl_function_scripts():
         f(x, y, pos_neg, None, 2.0, 8.0, 0.25, -1, torch.zeros(5))
 
 
+def test_eqfl_module_and_function_script(tmp_path):
+    import copy
+
+    eager = ltkernels.EqualizedQualityFocalLoss(6)
+    scripted = torch.jit.script(copy.deepcopy(eager))
+
+    def inputs(step):
+        return torch.randn(40, 6), torch.randint(-1, 7, (40,)), torch.rand(40), [None, 3.0, torch.tensor(2.5)][step]
+
+    _steps(eager, scripted, inputs, lambda m, x, y, q, norm: m(x, y, q, norm))
+    assert not torch.equal(eager.pos_neg, torch.ones(6))
+    path = tmp_path / "eqfl.pt"
+    scripted.save(str(path))
+    _same(dict(torch.jit.load(str(path)).state_dict()), dict(eager.state_dict()))
+    f = torch.jit.script(ltkernels.equalized_quality_focal_loss)
+    x, y, q = torch.randn(30, 5), torch.randint(-1, 6, (30,)), torch.rand(30)
+    for args in ((x, y, q), (x, y, q, torch.rand(5), 2.0)):
+        assert torch.equal(f(*args), ltkernels.equalized_quality_focal_loss(*args))
+    with pytest.raises(Exception, match=r"quality of the positive rows must lie in \[0, 1\]"):
+        f(x, torch.ones(30, dtype=torch.long), q + 2)
+    with pytest.raises(Exception, match="quality must have 30 entries"):
+        f(x, y, q[:3])
+
+
 def test_batched_multiclass_nms_scripts():
     f = torch.jit.script(ltkernels.batched_multiclass_nms)
     f_concat = torch.jit.script(ltkernels.batched_multiclass_nms_concat)

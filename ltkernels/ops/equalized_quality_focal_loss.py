@@ -13,11 +13,15 @@ is exactly EFL. No gradient flows into `quality` (a target, as in the official c
 """
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
+from torch import Tensor
 
 from .._ext import has_op
-from .._validate import FLOATING, ArgumentValueError, check_tensor, refuse_double_backward
-from .equalized_focal_loss import EqualizedFocalLoss, _acc_dtype, _accumulate, _prepare, check_unit_interval
+from .._validate import ArgumentValueError, check_tensor, floating_dtypes, refuse_double_backward
+from .equalized_focal_loss import (EqualizedFocalLoss, _acc_dtype, _accumulate, _compiling, _prepare,
+                                   check_unit_interval)
 
 __all__ = ["equalized_quality_focal_loss", "EqualizedQualityFocalLoss"]
 
@@ -57,12 +61,11 @@ if has_op(_OP):
                                     setup_context=_setup_context)
 
 
-def equalized_quality_focal_loss(logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor,
-                                 pos_neg: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
-                                 gamma_b: float = 2.0, scale: float = 8.0, alpha: float = -1.0,
-                                 ignore_index: int = -1, pos_grad: torch.Tensor | None = None,
-                                 neg_grad: torch.Tensor | None = None, validate: bool | None = None,
-                                 label_layout: str = "background_first") -> torch.Tensor:
+def equalized_quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, pos_neg: Optional[Tensor] = None,
+                                 normalizer: Optional[Union[float, Tensor]] = None, gamma_b: float = 2.0,
+                                 scale: float = 8.0, alpha: float = -1.0, ignore_index: int = -1,
+                                 pos_grad: Optional[Tensor] = None, neg_grad: Optional[Tensor] = None,
+                                 validate: Optional[bool] = None, label_layout: str = "background_first") -> Tensor:
     """Equalized Quality Focal Loss of `logits [N, C]` against `labels [N]` (0 = background, 1..C, `ignore_index`
     = ignored) with soft targets `quality [N]` in [0, 1] (the IoU of each positive row with its ground truth; read on
     positive rows only, no gradient).
@@ -74,14 +77,15 @@ def equalized_quality_focal_loss(logits: torch.Tensor, labels: torch.Tensor, qua
     validate also checks that quality lies in [0, 1] on the positive rows (a host sync on CUDA; the CPU kernel
     checks it anyway, the CUDA kernel asserts it on the device).
     Returns a 0-d float32 tensor (float64 for float64 logits). Double backward (create_graph=True) raises.
+    Scriptable (torch.jit.script), as EFL.
     """
-    check_tensor("logits", logits, ndim=2, dtypes=FLOATING)
-    check_tensor("quality", quality, ndim=1, dtypes=FLOATING, device=logits.device)
+    check_tensor("logits", logits, ndim=2, dtypes=floating_dtypes())
+    check_tensor("quality", quality, ndim=1, dtypes=floating_dtypes(), device=logits.device)
     if quality.shape[0] != logits.shape[0]:
         raise ArgumentValueError(f"quality must have {logits.shape[0]} entries (one per row of logits), got "
                                  f"{quality.shape[0]}")
     if validate is None:
-        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+        validate = logits.device.type == "cpu" and not _compiling()
     labels, pos_neg, normalizer = _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index,
                                            pos_grad, neg_grad, validate, label_layout)
     if validate:
@@ -103,8 +107,8 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
                  ignore_index: int = -1, label_layout: str = "background_first"):
         super().__init__(num_classes, gamma_b, scale, alpha, ignore_index, label_layout)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor,
-                normalizer=None) -> torch.Tensor:
+    def forward(self, logits: Tensor, labels: Tensor, quality: Tensor,  # type: ignore[override]
+                normalizer: Optional[Union[float, Tensor]] = None) -> Tensor:
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
             raise ArgumentValueError(f"logits have {logits.shape[1]} classes but the loss was built for "
                                      f"num_classes={self.num_classes}")
