@@ -19,8 +19,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._ext import has_op
-from .._validate import (ArgumentTypeError, ArgumentValueError, background_last, check_labels, check_tensor,
-                         dtype_name, floating_dtypes, refuse_double_backward, to_background_first)
+from .._validate import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    background_last,
+    check_labels,
+    check_tensor,
+    dtype_name,
+    floating_dtypes,
+    refuse_double_backward,
+    to_background_first,
+)
 
 __all__ = ["equalized_focal_loss", "EqualizedFocalLoss"]
 
@@ -262,7 +271,8 @@ class EqualizedFocalLoss(nn.Module):
         background_last(label_layout)  # validates the name
         self.label_layout = label_layout
         self.num_classes = int(num_classes)
-        self.gamma_b, self.scale, self.alpha, self.ignore_index = float(gamma_b), float(scale), float(alpha), int(ignore_index)
+        self.gamma_b, self.scale, self.alpha = float(gamma_b), float(scale), float(alpha)
+        self.ignore_index = int(ignore_index)
         self.register_buffer("pos_grad", torch.zeros(self.num_classes))
         self.register_buffer("neg_grad", torch.zeros(self.num_classes))
         self.register_buffer("pos_neg", torch.ones(self.num_classes))
@@ -274,7 +284,7 @@ class EqualizedFocalLoss(nn.Module):
     def forward(self, logits: Tensor, labels: Tensor, normalizer: Optional[Union[float, Tensor]] = None) -> Tensor:
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] != self.num_classes:
             raise ArgumentValueError(f"logits have {logits.shape[1]} classes but the loss was built for "
-                             f"num_classes={self.num_classes}")
+                                     f"num_classes={self.num_classes}")
         return equalized_focal_loss(logits, labels, self.pos_neg, normalizer, self.gamma_b, self.scale, self.alpha,
                                     self.ignore_index, pos_grad=self.pos_grad, neg_grad=self.neg_grad,
                                     label_layout=self.label_layout)

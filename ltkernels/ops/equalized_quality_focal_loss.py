@@ -20,8 +20,7 @@ from torch import Tensor
 
 from .._ext import has_op
 from .._validate import ArgumentValueError, check_tensor, floating_dtypes, refuse_double_backward
-from .equalized_focal_loss import (EqualizedFocalLoss, _acc_dtype, _accumulate, _compiling, _prepare,
-                                   check_unit_interval)
+from .equalized_focal_loss import EqualizedFocalLoss, _acc_dtype, _accumulate, _compiling, _prepare, check_unit_interval
 
 __all__ = ["equalized_quality_focal_loss", "EqualizedQualityFocalLoss"]
 

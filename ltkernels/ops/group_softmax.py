@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Dict, Optional, Tuple
@@ -28,9 +27,17 @@ import torch
 from torch import Tensor, nn
 
 from .._ext import has_op
+from .._validate import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    background_last,
+    check_labels,
+    check_tensor,
+    floating_dtypes,
+    refuse_double_backward,
+    to_background_first,
+)
 from ..data import LVIS_VERSIONS, lvis_categories
-from .._validate import (ArgumentTypeError, ArgumentValueError, background_last, check_labels, check_tensor,
-                         floating_dtypes, refuse_double_backward, to_background_first)
 
 __all__ = ["BalancedGroups", "GroupTables", "GroupSoftmaxLoss", "group_softmax_loss", "group_softmax_scores",
            "group_softmax_selection"]
@@ -127,7 +134,7 @@ class BalancedGroups:
 
     # ---- constructors ---------------------------------------------------------------------------------------
     @classmethod
-    def from_instance_counts(cls, counts, bounds: Sequence[float] = (10, 100, 1000)) -> "BalancedGroups":
+    def from_instance_counts(cls, counts, bounds: Sequence[float] = (10, 100, 1000)) -> BalancedGroups:
         """Group of label c = 1 + bisect_right(bounds, counts[c - 1]); empty groups are dropped."""
         if isinstance(counts, torch.Tensor):
             counts = counts.tolist()
@@ -143,7 +150,7 @@ class BalancedGroups:
         return cls([1 + bisect.bisect_right(bounds, n) for n in counts], bounds=bounds)
 
     @classmethod
-    def from_lvis(cls, source, bounds: Sequence[float] = (10, 100, 1000)) -> "BalancedGroups":
+    def from_lvis(cls, source, bounds: Sequence[float] = (10, 100, 1000)) -> BalancedGroups:
         """From an LVIS version's bundled statistics ("v0.5" or "v1"), an LVIS annotation file (or a
         category-statistics file with a ``categories`` list), its parsed dict, or a list of category dicts; each
         category needs ``id`` and ``instance_count`` and the ids must be exactly 1..C (category id == label)."""

@@ -17,8 +17,14 @@ import torch
 from torch import Tensor
 
 from .._ext import has_op
-from .._validate import (ArgumentTypeError, ArgumentValueError, background_last, check_tensor,
-                         dtype_name, floating_dtypes)
+from .._validate import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    background_last,
+    check_tensor,
+    dtype_name,
+    floating_dtypes,
+)
 
 __all__ = ["nms", "batched_nms", "multiclass_nms", "batched_multiclass_nms", "batched_multiclass_nms_concat",
            "MAX_IMAGES_PER_CALL"]
