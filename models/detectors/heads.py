@@ -173,11 +173,10 @@ class RoIBoxHead(nn.Module):
         scores = self.class_scores(x)[:, 1:]
         deltas = self.bbox_pred(x).float()
         counts = [len(p) for p in proposals]
-        results = []
-        for s, d, p, size in zip(scores.split(counts), deltas.split(counts), proposals, image_sizes):
-            boxes = self.box_coder.decode_single(d, p.float()).view(len(p), self.num_classes, 4)
-            boxes = clip_boxes_to_image(boxes, size)
-            b, sc, lab, _ = ltkernels.multiclass_nms(boxes, s, self.score_thresh, self.nms_thresh,
-                                                     self.detections_per_img)
-            results.append({"boxes": b, "scores": sc, "labels": lab})
-        return results
+        boxes = [clip_boxes_to_image(self.box_coder.decode_single(d, p.float()).view(len(p), self.num_classes, 4),
+                                     size)
+                 for d, p, size in zip(deltas.split(counts), proposals, image_sizes)]
+        # the whole batch in one call (per image, the same detections as a multiclass_nms call on that image)
+        per_image = ltkernels.batched_multiclass_nms(boxes, list(scores.split(counts)), None, None, self.score_thresh,
+                                                     self.nms_thresh, self.detections_per_img)
+        return [{"boxes": b, "scores": sc, "labels": lab} for b, sc, lab, _ in per_image]

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..configs import resolve
+from ..data.lvis import collate_detection
 from ..detectors import build_model
 from . import distributed as du
 from . import run
@@ -92,10 +93,6 @@ class _Items(torch.utils.data.Dataset):
         return self.dataset[int(item)]
 
 
-def _collate(batch):
-    return [b[0] for b in batch], [b[1] for b in batch]
-
-
 class BatchStream:
     """Endless batches: each epoch's order comes from the sampler (`set_epoch(e)`; deterministic in the seed and
     the epoch), cut into batches. The position `{"epoch", "index"}` (index = items of the epoch consumed by this
@@ -124,9 +121,9 @@ class BatchStream:
         batches = batches[self.index // self.batch_size:]
         if self.workers > 0:
             self._iter = iter(torch.utils.data.DataLoader(self.items, batch_sampler=batches, num_workers=self.workers,
-                                                          collate_fn=_collate))
+                                                          collate_fn=collate_detection))
         else:
-            self._iter = (_collate([self.items[i] for i in b]) for b in batches)
+            self._iter = (collate_detection([self.items[i] for i in b]) for b in batches)
 
     def next(self):
         while True:
@@ -415,7 +412,7 @@ def predict(model, dataset, device, batch_size: int = 8, progress: bool = False)
     out = []
     indices = list(range(du.rank(), len(dataset), du.world_size()))
     for s in tqdm(range(0, len(indices), batch_size), desc="eval", disable=not (progress and sys.stderr.isatty())):
-        images, targets = _collate([dataset[i] for i in indices[s: s + batch_size]])
+        images, targets = collate_detection([dataset[i] for i in indices[s: s + batch_size]])
         dets = model([im.to(device) for im in images])
         for d, t in zip(dets, targets):
             boxes = d["boxes"].float() / float(t.get("scale", 1.0))
