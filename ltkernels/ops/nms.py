@@ -250,6 +250,24 @@ def _batch_rows(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[T
     return torch.cat(boxes), cat_scores, index, n_images, local_row
 
 
+def _batched_multiclass(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
+                        image_index: Optional[Tensor], num_images: Optional[int], score_threshold: float,
+                        iou_threshold: float, max_per_image: Optional[int], label_layout: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, Optional[Tensor]]:
+    """The one kernel call of both batched forms: (boxes, scores, labels in `label_layout`, row of the concatenated
+    input, image) of the survivors, with the batch's image_index, num_images and (list input) each row's row
+    within its image."""
+    first_label = 0 if background_last(label_layout) else 1
+    boxes, scores, image_index, num_images, local_row = _batch_rows(boxes, scores, image_index, num_images)
+    score_threshold, iou_threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
+                                                              max_per_image)
+    b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
+        boxes, scores, image_index, num_images, score_threshold, iou_threshold, limit)
+    if first_label == 0:
+        labels = labels - 1
+    return b, s, labels, rows, images, image_index, num_images, local_row
+
+
 def batched_multiclass_nms_concat(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
                                   image_index: Optional[Tensor] = None, num_images: Optional[int] = None,
                                   score_threshold: float = 1e-4, iou_threshold: float = 0.5,
@@ -258,14 +276,8 @@ def batched_multiclass_nms_concat(boxes: Union[Tensor, List[Tensor]], scores: Un
     """`batched_multiclass_nms(..., concat=True)` with its own fixed return type, for TorchScript: the detections of
     all images concatenated, `(boxes, scores, labels, row_index, image)`, row_index being the row of the
     concatenated input. Scriptable."""
-    first_label = 0 if background_last(label_layout) else 1
-    boxes, scores, image_index, num_images, _ = _batch_rows(boxes, scores, image_index, num_images)
-    score_threshold, iou_threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
-                                                              max_per_image)
-    b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
-        boxes, scores, image_index, num_images, score_threshold, iou_threshold, limit)
-    if first_label == 0:
-        labels = labels - 1
+    b, s, labels, rows, images, _, _, _ = _batched_multiclass(boxes, scores, image_index, num_images, score_threshold,
+                                                              iou_threshold, max_per_image, label_layout)
     return b, s, labels, rows, images
 
 
@@ -293,14 +305,8 @@ def batched_multiclass_nms(boxes: Union[Tensor, List[Tensor]], scores: Union[Ten
         else:
             return batched_multiclass_nms_concat(boxes, scores, image_index, num_images, score_threshold,
                                                  iou_threshold, max_per_image, label_layout)
-    first_label = 0 if background_last(label_layout) else 1
-    boxes, scores, image_index, num_images, local_row = _batch_rows(boxes, scores, image_index, num_images)
-    score_threshold, iou_threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
-                                                              max_per_image)
-    b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
-        boxes, scores, image_index, num_images, score_threshold, iou_threshold, limit)
-    if first_label == 0:
-        labels = labels - 1
+    b, s, labels, rows, images, image_index, num_images, local_row = _batched_multiclass(
+        boxes, scores, image_index, num_images, score_threshold, iou_threshold, max_per_image, label_layout)
     if local_row is None:  # row within the image: rank among the rows of that image
         order = torch.sort(image_index, stable=True)[1]
         counts = torch.bincount(image_index, minlength=num_images)
