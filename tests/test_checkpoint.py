@@ -9,10 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_training import data  # noqa: F401 (the training tests' tiny synthetic set)
+from test_training import tiny_cfg as training_cfg
 
 from ltkernels.models.cli import main as ltk
-from ltkernels.models.configs import get_config, merge
-from ltkernels.models.data.synthetic import write_synthetic_lvis
 from ltkernels.models.engine.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -44,17 +44,8 @@ class CreatesFile:
         return open, (self.path, "w")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_synthetic_lvis(str(tmp_path_factory.mktemp("synth")), num_classes=6, num_train_images=16,
-                                num_val_images=6, image_size=(64, 64), seed=1)
-
-
 def tiny_cfg(name, max_iter, **train_kw):
-    return merge(get_config(name), {"data": {"min_size": 64, "max_size": 64},
-                                    "solver": {"max_iter": max_iter, "batch_size": 4, "warmup_iters": 2,
-                                               "steps": [0.5]},
-                                    "train": {"eval": False, **train_kw}})
+    return training_cfg(name, max_iter, warmup_iters=2, **train_kw)
 
 
 @pytest.fixture(params=["zip_env", "legacy_file", "raw_pickle_file"])

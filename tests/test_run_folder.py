@@ -8,27 +8,19 @@ import threading
 
 import pytest
 import torch
+from test_training import data  # noqa: F401 (the training tests' tiny synthetic set)
+from test_training import tiny_cfg as training_cfg
 
 from ltkernels.models.cli import main as ltk
-from ltkernels.models.configs import ConfigError, get_config, merge, set_value
-from ltkernels.models.data.synthetic import write_synthetic_lvis
+from ltkernels.models.configs import ConfigError, get_config, set_value
 from ltkernels.models.engine import checkpoint as ck
 from ltkernels.models.engine import trainer
 from ltkernels.models.engine.run import RunFolderError, read_jsonl
 from ltkernels.models.engine.trainer import train
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_synthetic_lvis(str(tmp_path_factory.mktemp("synth")), num_classes=6, num_train_images=16,
-                                num_val_images=6, image_size=(64, 64), seed=1)
-
-
 def tiny_cfg(name, max_iter, **train_kw):
-    return merge(get_config(name), {"data": {"min_size": 64, "max_size": 64},
-                                    "solver": {"max_iter": max_iter, "batch_size": 4, "warmup_iters": 2,
-                                               "steps": [0.5]},
-                                    "train": {"eval": False, "log_every": 1, **train_kw}})
+    return training_cfg(name, max_iter, warmup_iters=2, **{"log_every": 1, **train_kw})
 
 
 class Killed(BaseException):

@@ -23,9 +23,10 @@ def data(tmp_path_factory):
                                 num_val_images=6, image_size=(64, 64), seed=1)
 
 
-def tiny_cfg(name, max_iter, **train_kw):
+def tiny_cfg(name, max_iter, warmup_iters=3, **train_kw):
+    """A named config shrunk to the tiny set: 64-px images, batches of 4, steps at half the schedule."""
     return merge(get_config(name), {"data": {"min_size": 64, "max_size": 64},
-                                    "solver": {"max_iter": max_iter, "batch_size": 4, "warmup_iters": 3,
+                                    "solver": {"max_iter": max_iter, "batch_size": 4, "warmup_iters": warmup_iters,
                                                "steps": [0.5]},
                                     "train": {"eval": False, **train_kw}})
 
