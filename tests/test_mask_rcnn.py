@@ -41,16 +41,14 @@ def test_mask_targets_cut_the_instance_to_the_box():
     assert mask_targets(masks, torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), 28).shape == (0, 28, 28)
 
 
-def test_mask_loss_uses_the_class_channel():
-    logits = torch.zeros(2, 3, 4, 4)
-    logits[0, 1] = 10.0  # RoI 0, class 2: confident foreground
+def test_mask_loss_is_the_mean_binary_cross_entropy():
+    logits = torch.zeros(2, 4, 4)
+    logits[0] = 10.0  # RoI 0: confident foreground
     targets = torch.ones(2, 4, 4)
-    low = mask_loss(logits, torch.tensor([2, 1]), targets)
-    high = mask_loss(logits, torch.tensor([1, 1]), targets)
-    assert low < high
-    assert math.isclose(float(high), math.log(2), rel_tol=1e-6)
-    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[[0, 1], [1, 0]], targets)
-    torch.testing.assert_close(low, ref)
+    loss = mask_loss(logits, targets)
+    assert math.isclose(float(loss), (math.log1p(math.exp(-10.0)) + math.log(2)) / 2, rel_tol=1e-6)
+    empty = mask_loss(torch.zeros(0, 28, 28, requires_grad=True), torch.zeros(0, 28, 28))
+    assert float(empty) == 0.0 and empty.requires_grad
 
 
 def test_head_shapes_and_predicted_class_masks():
@@ -59,6 +57,13 @@ def test_head_shapes_and_predicted_class_masks():
     boxes = torch.tensor([[4.0, 4.0, 40.0, 50.0], [10.0, 20.0, 30.0, 35.0]])
     logits = head.logits(feats, [boxes])
     assert logits.shape == (2, 5, 28, 28)
+    labels = torch.tensor([3, 5])
+    # the class channel alone (training's and inference's path) is that channel of the full logits, gradients too
+    picked = head.class_logits(feats, [boxes], labels)
+    torch.testing.assert_close(picked, logits[[0, 1], [2, 4]])
+    g_picked = torch.autograd.grad(picked.square().sum(), head.predictor.weight)[0]
+    g_full = torch.autograd.grad(head.logits(feats, [boxes])[[0, 1], [2, 4]].square().sum(), head.predictor.weight)[0]
+    torch.testing.assert_close(g_picked, g_full)
     dets = [{"boxes": boxes, "labels": torch.tensor([3, 5]), "scores": torch.tensor([0.9, 0.5])}]
     head.predict(feats, dets)
     torch.testing.assert_close(dets[0]["masks"], logits[[0, 1], [2, 4]].sigmoid())

@@ -1,12 +1,13 @@
 """`ltk demo`: the whole long-tail story on the bundled synthetic set, in minutes on a laptop CPU.
 
-1. two-stage Faster R-CNN FPN, softmax cross-entropy (the baseline);
+1. two-stage Mask R-CNN FPN, softmax cross-entropy (the baseline);
 2. BAGS: the baseline with its classifier re-initialised and retrained with the group softmax loss;
 3. SimCal: the baseline plus a calibration classifier trained with bi-level sampling, dual-head inference;
+(the two decoupled stages keep the baseline's frozen mask head: a detection's mask is its predicted class's);
 4. the EFL paper's improved one-stage baseline (ATSS, IoU branch, GIoU) with sigmoid focal loss;
 5. the same with the equalized focal loss (EFL).
-All are evaluated with the LVIS API on the class-balanced validation split; a table, `metrics.json` and plots
-are written to `--out`."""
+All are evaluated with the LVIS API on the class-balanced validation split (boxes, and masks for the two-stage
+runs); the tables, `metrics.json` and plots are written to `--out`."""
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ from ..configs import get_config, merge
 from .trainer import _jsonable, train
 
 METHODS = [  # (run name, config, trained on top of)
-    ("softmax", "two_stage_softmax", None),
-    ("bags", "two_stage_bags", "softmax"),
-    ("simcal", "two_stage_simcal", "softmax"),
+    ("softmax", "two_stage_mask_softmax", None),
+    ("bags", "two_stage_mask_bags", "softmax"),
+    ("simcal", "two_stage_mask_simcal", "softmax"),
     ("focal", "atss_focal", None),
     ("efl", "atss_efl", None),
 ]
@@ -66,13 +67,23 @@ def synthesize(data_dir: str, params: dict, log=print) -> dict:
     return paths
 
 
-def format_table(runs: dict) -> str:
-    head = f"{'method':<10}" + "".join(f"{c:>7}" for c in COLUMNS)
+def format_table(runs: dict, prefix: str = "") -> str:
+    """One row per run of COLUMNS; `prefix="mask_"` reads the mask metrics (runs without them are left out)."""
+    head = f"{(prefix + 'method'):<12}" + "".join(f"{c:>7}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for name, m in runs.items():
-        cells = "".join(f"{100 * m[c]:>7.1f}" if m.get(c, -1) >= 0 else f"{'-':>7}" for c in COLUMNS)
-        lines.append(f"{name:<10}{cells}")
+        if prefix + "AP" not in m:
+            continue
+        cells = "".join(f"{100 * m[prefix + c]:>7.1f}" if m.get(prefix + c, -1) >= 0 else f"{'-':>7}"
+                        for c in COLUMNS)
+        lines.append(f"{name:<12}{cells}")
     return "\n".join(lines)
+
+
+def mask_metrics(runs: dict) -> dict:
+    """The mask metrics of the runs that have them, under the box metrics' names (for the plots)."""
+    return {name: {k[len("mask_"):]: v for k, v in m.items() if k.startswith("mask_")}
+            for name, m in runs.items() if "mask_AP" in m}
 
 
 def run_demo(out: str = "ltk_demo", quick: bool = False, device: str = "auto", threads: int | None = None,
@@ -99,17 +110,23 @@ def run_demo(out: str = "ltk_demo", quick: bool = False, device: str = "auto", t
                          "loss_last": sum(h["loss"] for h in hist[-20:]) / len(hist[-20:]),
                          "metrics": metrics[name]}
         m = metrics[name]
+        masks = (f"  mask AP {100 * m['mask_AP']:.1f}  mask APr {100 * m['mask_APr']:.1f}"
+                 if "mask_AP" in m else "")
         log(f"[{name}] {time.time() - t0:.0f}s  AP {100 * m['AP']:.1f}  APr {100 * m['APr']:.1f}  "
-            f"APc {100 * m['APc']:.1f}  APf {100 * m['APf']:.1f}")
+            f"APc {100 * m['APc']:.1f}  APf {100 * m['APf']:.1f}{masks}")
         if name in ("softmax", "bags"):
             _plot_per_class(res, m, os.path.join(out, f"ap_vs_instances_{name}.png"), name, log)
     table = format_table(metrics)
-    log("\n" + table)
+    mask_table = format_table(metrics, prefix="mask_")
+    log("\nbox AP\n" + table + "\n\nmask AP\n" + mask_table)
     _plot_bins(metrics, os.path.join(out, "ap_by_bin.png"), log)
+    _plot_bins(mask_metrics(metrics), os.path.join(out, "mask_ap_by_bin.png"), log, "mask AP by instance-count "
+               "bin and frequency group")
     used = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     summary = {"quick": quick, "device": used, "torch_threads": torch.get_num_threads(),
                "platform": platform.platform(), "torch": torch.__version__, "data": {**plan["data"], **data},
-               "total_time_s": round(time.time() - t_all, 1), "runs": results, "table": table}
+               "total_time_s": round(time.time() - t_all, 1), "runs": results, "table": table,
+               "mask_table": mask_table}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(_jsonable(summary), f, indent=1)
     log(f"wrote {os.path.join(out, 'metrics.json')} ({summary['total_time_s']:.0f}s in all)")
@@ -129,10 +146,10 @@ def _plot_per_class(res, metrics, path, name, log):
         log(f"plot skipped: {err}")
 
 
-def _plot_bins(metrics, path, log):
+def _plot_bins(metrics, path, log, title=None):
     try:
         from ..evaluation.plots import plot_ap_by_bin
 
-        plot_ap_by_bin(metrics, path)
+        plot_ap_by_bin(metrics, path, *([title] if title else []))
     except ImportError as err:
         log(f"plot skipped: {err}")
