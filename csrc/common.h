@@ -5,7 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
-#define LTK_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
+#include <initializer_list>
+
 // The device type of the CUDA kernels' tensors: CUDA, or CPU under the CPU emulation of CUDA (csrc/emu), where CPU
 // tensors stand for CUDA ones.
 #ifdef LTK_CUDA_EMU
@@ -13,8 +14,8 @@
 #else
 #define LTK_CUDA_DEVICE at::kCUDA
 #endif
-#define LTK_CHECK_CUDA(x) \
-  TORCH_CHECK((x).device().type() == LTK_CUDA_DEVICE, #x " must be a CUDA tensor, got ", (x).device())
+// Every tensor of `ts` on one device, the first one's, which is of type `type` (a kernel file's own backend).
+#define LTK_CHECK_DEVICES(type, ...) ::ltk::check_devices(type, {__VA_ARGS__})
 #define LTK_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must be ", d, "-D, got shape ", (x).sizes())
 
 // float32/float64/float16/bfloat16: the dtypes every ltkernels op accepts for its floating-point inputs.
@@ -45,7 +46,16 @@ struct acc<double> {
 };
 template <typename T>
 using acc_t = typename acc<T>::type;
+// The same rule for a tensor's dtype.
+constexpr at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline void check_devices(c10::DeviceType type, std::initializer_list<at::Tensor> ts) {
+  const at::Tensor& first = *ts.begin();
+  TORCH_CHECK(first.device().type() == type, "the inputs must be ", type, " tensors, got one on ", first.device());
+  for (const at::Tensor& t : ts)
+    TORCH_CHECK(t.device() == first.device(), "all inputs must be on ", first.device(), ", got one on ", t.device());
+}
 
 }  // namespace ltk

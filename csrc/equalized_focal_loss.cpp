@@ -15,6 +15,6 @@ TORCH_LIBRARY_FRAGMENT(ltkernels, m) {
   // grad_loss, and pos_step/neg_step are the sums of |grad_logits| over the positive / negative targets of every
   // class (float32, or float64 for float64 logits).
   m.def(
-      "equalized_focal_loss_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor pos_neg, "
+      "_equalized_focal_loss_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor pos_neg, "
       "Tensor normalizer, float gamma_b, float scale, float alpha, int ignore_index) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,14 +1,22 @@
-// Shape, dtype and parameter checks of equalized_focal_loss (and equalized_quality_focal_loss) shared by the CPU and CUDA kernels (device checks stay
-// with each backend).
+// What the CPU and CUDA kernels of equalized_focal_loss and equalized_quality_focal_loss share: the argument checks
+// (the Python API checks first, with messages that name the arguments; these guard direct torch.ops calls) and the
+// four registered entry points, built from each backend's forward and backward (`quality` undefined for EFL).
 #pragma once
+
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
 
 #include "common.h"
 
-namespace ltk {
+namespace ltk::equalized_focal_loss {
 
-inline void check_equalized_focal_loss_args(const at::Tensor& logits, const at::Tensor& labels,
-                                            const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b,
-                                            double scale) {
+// quality: undefined for EFL, the per-row soft target [N] for EQFL. Every tensor on `device`.
+inline void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                         const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
+                         c10::DeviceType device) {
+  LTK_CHECK_DEVICES(device, logits, labels, pos_neg, normalizer);
   LTK_CHECK_DIM(logits, 2);
   LTK_CHECK_DIM(labels, 1);
   LTK_CHECK_DIM(pos_neg, 1);
@@ -21,17 +29,53 @@ inline void check_equalized_focal_loss_args(const at::Tensor& logits, const at::
   TORCH_CHECK(at::isFloatingType(pos_neg.scalar_type()), "pos_neg must be a floating-point tensor");
   TORCH_CHECK(gamma_b >= 0 && (scale == 0 || gamma_b > 0), "gamma_b must be > 0 (or >= 0 with scale = 0), got ",
               gamma_b);
+  if (quality.defined()) {
+    LTK_CHECK_DEVICES(device, logits, quality);
+    LTK_CHECK_DIM(quality, 1);
+    TORCH_CHECK(quality.size(0) == logits.size(0), "quality must have ", logits.size(0), " entries (one per row of ",
+                "logits), got ", quality.size(0));
+    TORCH_CHECK(at::isFloatingType(quality.scalar_type()), "quality must be a floating-point tensor");
+  }
 }
 
-// EQFL: EFL's checks plus the per-row quality [N] (the soft target of each positive row).
-inline void check_equalized_quality_focal_loss_args(const at::Tensor& logits, const at::Tensor& labels,
-                                                    const at::Tensor& quality, const at::Tensor& pos_neg,
-                                                    const at::Tensor& normalizer, double gamma_b, double scale) {
-  check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
-  LTK_CHECK_DIM(quality, 1);
-  TORCH_CHECK(quality.size(0) == logits.size(0), "quality must have ", logits.size(0), " entries (one per row of ",
-              "logits), got ", quality.size(0));
-  TORCH_CHECK(at::isFloatingType(quality.scalar_type()), "quality must be a floating-point tensor");
+using Forward = at::Tensor (*)(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+                               const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
+                               double alpha, int64_t ignore_index);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& grad_loss,
+                                                                    const at::Tensor& logits, const at::Tensor& labels,
+                                                                    const at::Tensor& quality,
+                                                                    const at::Tensor& pos_neg,
+                                                                    const at::Tensor& normalizer, double gamma_b,
+                                                                    double scale, double alpha, int64_t ignore_index);
+using Statistics = std::optional<at::Tensor>;  // pos_grad / neg_grad: read by the autograd formula only
+
+// Registers the four ops of the family on one backend (call inside its TORCH_LIBRARY_IMPL block).
+template <Forward forward, Backward backward>
+void register_kernels(torch::Library& m) {
+  m.impl("equalized_focal_loss",
+         [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg, const at::Tensor& normalizer,
+            double gamma_b, double scale, double alpha, int64_t ignore_index, const Statistics&, const Statistics&) {
+           return forward(logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+         });
+  m.impl("_equalized_focal_loss_backward",
+         [](const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
+            const at::Tensor& normalizer, double gamma_b, double scale, double alpha, int64_t ignore_index) {
+           return backward(grad_loss, logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha,
+                           ignore_index);
+         });
+  m.impl("equalized_quality_focal_loss",
+         [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality, const at::Tensor& pos_neg,
+            const at::Tensor& normalizer, double gamma_b, double scale, double alpha, int64_t ignore_index,
+            const Statistics&, const Statistics&) {
+           return forward(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+         });
+  m.impl("_equalized_quality_focal_loss_backward",
+         [](const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
+            const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
+            int64_t ignore_index) {
+           return backward(grad_loss, logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha,
+                           ignore_index);
+         });
 }
 
-}  // namespace ltk
+}  // namespace ltk::equalized_focal_loss

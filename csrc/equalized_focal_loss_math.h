@@ -15,7 +15,7 @@
 #define LTK_EFL_HD inline
 #endif
 
-namespace ltk::efl {
+namespace ltk::equalized_focal_loss {
 
 LTK_EFL_HD float ex(float v) { return ::expf(v); }
 LTK_EFL_HD double ex(double v) { return ::exp(v); }
@@ -25,31 +25,31 @@ LTK_EFL_HD float lg(float v) { return ::logf(v); }
 LTK_EFL_HD double lg(double v) { return ::log(v); }
 
 // What both need of z: e = exp(-|z|), -log p_t and -log(1 - p_t).
-template <typename A>
+template <typename acc>
 struct NegLogs {
-  A e, nlog_pt, nlog_qt;
+  acc e, nlog_pt, nlog_qt;
 };
 
-template <typename A>
-LTK_EFL_HD NegLogs<A> neg_logs(A z) {
-  const A e = ex(z < A(0) ? z : -z);  // exp(-|z|)
-  const A l1 = lg1p(e);
-  return {e, (z < A(0) ? -z : A(0)) + l1, (z > A(0) ? z : A(0)) + l1};
+template <typename acc>
+LTK_EFL_HD NegLogs<acc> neg_logs(acc z) {
+  const acc e = ex(z < acc(0) ? z : -z);  // exp(-|z|)
+  const acc l1 = lg1p(e);
+  return {e, (z < acc(0) ? -z : acc(0)) + l1, (z > acc(0) ? z : acc(0)) + l1};
 }
 
-template <typename A>
-LTK_EFL_HD A loss_term(A z, A gamma, A aw) {
-  const NegLogs<A> l = neg_logs(z);
+template <typename acc>
+LTK_EFL_HD acc loss_term(acc z, acc gamma, acc aw) {
+  const NegLogs<acc> l = neg_logs(z);
   return aw * ex(-gamma * l.nlog_qt) * l.nlog_pt;
 }
 
 // dterm/dz (times nothing: the caller applies dz/dx, the upstream gradient and 1/normalizer).
-template <typename A>
-LTK_EFL_HD A grad_z(A z, A gamma, A aw) {
-  const NegLogs<A> l = neg_logs(z);
-  const A r = A(1) / (A(1) + l.e);
-  const A pt = z >= A(0) ? r : l.e * r;  // p_t
-  const A qt = z >= A(0) ? l.e * r : r;  // 1 - p_t, computed directly
+template <typename acc>
+LTK_EFL_HD acc grad_z(acc z, acc gamma, acc aw) {
+  const NegLogs<acc> l = neg_logs(z);
+  const acc r = acc(1) / (acc(1) + l.e);
+  const acc pt = z >= acc(0) ? r : l.e * r;  // p_t
+  const acc qt = z >= acc(0) ? l.e * r : r;  // 1 - p_t, computed directly
   return -aw * ex(-gamma * l.nlog_qt) * (gamma * pt * l.nlog_pt + qt);
 }
 
@@ -57,41 +57,41 @@ LTK_EFL_HD A grad_z(A z, A gamma, A aw) {
 //   loss term  = aw * |y - p|^gamma * (y * -log p + (1 - y) * -log(1 - p))
 //   dterm / dx = aw * (gamma * |d|^gamma / d * p (1 - p) * bce + |d|^gamma * d),  d = p - y
 // (0 at d = 0, where the term has its minimum; with y = 1 both equal EFL's positive term and its derivative).
-template <typename A>
+template <typename acc>
 struct QualityParts {
-  A d, ad, pq, bce;  // p - y, |p - y|, p (1 - p), the soft binary cross-entropy
+  acc d, ad, pq, bce;  // p - y, |p - y|, p (1 - p), the soft binary cross-entropy
 };
 
-template <typename A>
-LTK_EFL_HD QualityParts<A> quality_parts(A x, A y) {
-  const NegLogs<A> l = neg_logs(x);  // z = x: nlog_pt = -log p, nlog_qt = -log(1 - p)
-  const A r = A(1) / (A(1) + l.e);
-  const A p = x >= A(0) ? r : l.e * r;
-  const A q = x >= A(0) ? l.e * r : r;  // 1 - p, computed directly
+template <typename acc>
+LTK_EFL_HD QualityParts<acc> quality_parts(acc x, acc y) {
+  const NegLogs<acc> l = neg_logs(x);  // z = x: nlog_pt = -log p, nlog_qt = -log(1 - p)
+  const acc r = acc(1) / (acc(1) + l.e);
+  const acc p = x >= acc(0) ? r : l.e * r;
+  const acc q = x >= acc(0) ? l.e * r : r;  // 1 - p, computed directly
   // d = p - y without cancellation at y = 1, p -> 1: p - y = (1 - y) - q
-  const A d = x >= A(0) ? (A(1) - y) - q : p - y;
-  return {d, d < A(0) ? -d : d, p * q, y * l.nlog_pt + (A(1) - y) * l.nlog_qt};
+  const acc d = x >= acc(0) ? (acc(1) - y) - q : p - y;
+  return {d, d < acc(0) ? -d : d, p * q, y * l.nlog_pt + (acc(1) - y) * l.nlog_qt};
 }
 
 // |d|^gamma with 0^0 = 1
-template <typename A>
-LTK_EFL_HD A pow_abs(A ad, A gamma) {
-  return gamma == A(0) ? A(1) : (ad == A(0) ? A(0) : ex(gamma * lg(ad)));
+template <typename acc>
+LTK_EFL_HD acc pow_abs(acc ad, acc gamma) {
+  return gamma == acc(0) ? acc(1) : (ad == acc(0) ? acc(0) : ex(gamma * lg(ad)));
 }
 
-template <typename A>
-LTK_EFL_HD A quality_loss_term(A x, A y, A gamma, A aw) {
-  const QualityParts<A> t = quality_parts(x, y);
+template <typename acc>
+LTK_EFL_HD acc quality_loss_term(acc x, acc y, acc gamma, acc aw) {
+  const QualityParts<acc> t = quality_parts(x, y);
   return aw * pow_abs(t.ad, gamma) * t.bce;
 }
 
 // dterm/dx (the caller applies the upstream gradient and 1/normalizer).
-template <typename A>
-LTK_EFL_HD A quality_grad_x(A x, A y, A gamma, A aw) {
-  const QualityParts<A> t = quality_parts(x, y);
-  if (t.d == A(0)) return A(0);
-  const A m = pow_abs(t.ad, gamma);
+template <typename acc>
+LTK_EFL_HD acc quality_grad_x(acc x, acc y, acc gamma, acc aw) {
+  const QualityParts<acc> t = quality_parts(x, y);
+  if (t.d == acc(0)) return acc(0);
+  const acc m = pow_abs(t.ad, gamma);
   return aw * (gamma * (m / t.d) * t.pq * t.bce + m * t.d);
 }
 
-}  // namespace ltk::efl
+}  // namespace ltk::equalized_focal_loss

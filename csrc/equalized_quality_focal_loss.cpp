@@ -11,7 +11,7 @@ TORCH_LIBRARY_FRAGMENT(ltkernels, m) {
       "Tensor normalizer, float gamma_b, float scale, float alpha, int ignore_index, Tensor? pos_grad=None, "
       "Tensor? neg_grad=None) -> Tensor");
   m.def(
-      "equalized_quality_focal_loss_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor quality, "
+      "_equalized_quality_focal_loss_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor quality, "
       "Tensor pos_neg, Tensor normalizer, float gamma_b, float scale, float alpha, int ignore_index) "
       "-> (Tensor, Tensor, Tensor)");
 }

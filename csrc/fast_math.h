@@ -29,9 +29,9 @@ LTK_ALWAYS_INLINE float exp_nonpos(float x) {
   // float compare (it may trap) or a select with a constant arm (folded into a branch around the polynomial) stop it.
   const uint32_t u = bits_as<uint32_t>(x);
   const uint32_t c = u < 0xC2D00000u ? u : 0xC2D00000u;  // 0xC2D00000 = -104.f
-  x = bits_as<float>(u > 0xFF800000u ? u : c);            // 0xFF800000 = -inf: above it, the negative NaNs
-  constexpr float kMagic = 12582912.f;                    // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + kMagic;      // kMagic + n, n = round(x / ln2) in [-150, 0]
+  x = bits_as<float>(u > 0xFF800000u ? u : c);           // 0xFF800000 = -inf: above it, the negative NaNs
+  constexpr float kMagic = 12582912.f;                   // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + kMagic;     // kMagic + n, n = round(x / ln2) in [-150, 0]
   const float n = t - kMagic;
   const int32_t ni = bits_as<int32_t>(t) - bits_as<int32_t>(kMagic);  // n as an integer (no UB on NaN)
   float r = x - n * 0.693359375f;

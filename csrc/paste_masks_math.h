@@ -9,8 +9,8 @@
 //    sizes are equal), in `acc` (float, or double for float64 masks): row-interpolated values first, then the
 //    column blend, in ATen's order.
 // One difference, by design: for some boxes that lie wholly outside the image torchvision's slices turn negative
-// (it raises, or pastes into the wrong columns); here a box outside the image pastes nothing. Integer box coordinates are
-// clamped to +-2^40 (torchvision would have to allocate a mask of the box's size).
+// (it raises, or pastes into the wrong columns); here a box outside the image pastes nothing. Integer box coordinates
+// are clamped to +-2^40 (torchvision would have to allocate a mask of the box's size).
 #pragma once
 
 #include <math.h>

@@ -34,6 +34,33 @@ def floating_dtypes() -> List[torch.dtype]:
 FLOATING = tuple(floating_dtypes())
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype for inputs of `dtype` (csrc/common.h, `ltk::acc_type`): float64 stays
+    float64, float32 / float16 / bfloat16 accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tracing() -> bool:
+    """Whether the op is being traced (torch.compile, torch.export, torch.jit.trace, fake or proxy tensors): then no
+    tensor has values to read, and a data-dependent check is skipped or queued on the device instead."""
+    if torch.jit.is_scripting():
+        return False
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
+def can_read_values(t: Tensor, sync: bool = False) -> bool:
+    """May an op read `t`'s values now, e.g. for a check whose message names the bad value? Never while
+    `tracing()`; for a plain CPU tensor always (free); for a tensor on an accelerator only when the caller accepts
+    the host sync (`sync=True`)."""
+    if torch.jit.is_scripting():
+        return sync or t.device.type == "cpu"
+    if tracing() or type(t) is not torch.Tensor:
+        return False
+    return sync or t.device.type == "cpu"
+
+
 def dtype_name(d: torch.dtype) -> str:
     """`float32` rather than `torch.float32` (or, under TorchScript, the dtype's enum number)."""
     if not torch.jit.is_scripting():

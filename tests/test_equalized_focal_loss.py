@@ -228,7 +228,7 @@ def test_opcheck():
     norm = torch.tensor(3.0)
     torch.library.opcheck(torch.ops.ltkernels.equalized_focal_loss,
                           (x, labels, pos_neg, norm, 2.0, 8.0, 0.25, -1))
-    torch.library.opcheck(torch.ops.ltkernels.equalized_focal_loss_backward,
+    torch.library.opcheck(torch.ops.ltkernels._equalized_focal_loss_backward,
                           (torch.tensor(1.5), logits.detach(), labels, pos_neg, norm, 2.0, 8.0, 0.25, -1))
 
 

@@ -202,7 +202,7 @@ def test_opcheck():
     norm = torch.tensor(3.0)
     torch.library.opcheck(torch.ops.ltkernels.equalized_quality_focal_loss,
                           (x, labels, quality, pos_neg, norm, 2.0, 8.0, -1.0, -1))
-    torch.library.opcheck(torch.ops.ltkernels.equalized_quality_focal_loss_backward,
+    torch.library.opcheck(torch.ops.ltkernels._equalized_quality_focal_loss_backward,
                           (torch.tensor(1.5), logits.detach(), labels, quality, pos_neg, norm, 2.0, 8.0, -1.0, -1))
 
 

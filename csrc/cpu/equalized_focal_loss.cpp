@@ -1,6 +1,6 @@
 // CPU kernels of the Equalized Focal Loss (docs/spec.md §2) and of the Equalized Quality Focal Loss (the same
-// kernels with a soft target on the positive column: `quality` non-null). Forward: one pass over the logits, partial sums per
-// fixed block of rows, summed in a fixed order (deterministic). Backward: one pass that writes dL/dlogits and
+// kernels with a soft target on the positive column: `quality` non-null). Forward: one pass over the logits, partial
+// sums per fixed block of rows, summed in a fixed order (deterministic). Backward: one pass that writes dL/dlogits and
 // accumulates sum |dL/dx| per class into per-chunk [C] partials (double), merged in chunk order. No [N, C]
 // temporary besides the gradient, no one-hot matrix.
 #include <ATen/Parallel.h>
@@ -17,10 +17,10 @@
 
 namespace {
 
-using ltk::efl::grad_z;
-using ltk::efl::loss_term;
-using ltk::efl::quality_grad_x;
-using ltk::efl::quality_loss_term;
+using ltk::equalized_focal_loss::grad_z;
+using ltk::equalized_focal_loss::loss_term;
+using ltk::equalized_focal_loss::quality_grad_x;
+using ltk::equalized_focal_loss::quality_loss_term;
 
 // ---- float32 fast path ----------------------------------------------------------------------------------------
 // Branch-free float maths that the compiler vectorises (the loops below are compiled twice, for AVX2+FMA and for
@@ -70,33 +70,32 @@ LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
 
 // Sum of the loss terms of x[0..m) as negatives (z = -x).
 LTK_CPU_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                              const float* __restrict__ aw, int64_t m) {
+                                  const float* __restrict__ aw, int64_t m) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < m; ++j) s += fast_loss_term(-x[j], gamma[j], aw[j]);
   return s;
 }
 
-// dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to acc.
+// dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to sums.
 LTK_CPU_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                             const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
-                             double* __restrict__ acc) {
+                                 const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
+                                 double* __restrict__ sums) {
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) {
     const float v = -fast_grad_z(-x[j], gamma[j], aw[j]) * gscale;
     g[j] = v;
-    acc[j] += static_cast<double>(__builtin_fabsf(v));
+    sums[j] += static_cast<double>(__builtin_fabsf(v));
   }
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
-
 // gamma_j and alpha_t * w_j for a positive and a negative target, per class.
-template <typename A>
+template <typename acc>
 struct ClassWeights {
-  std::vector<A> gamma, aw_pos, aw_neg;
+  std::vector<acc> gamma, aw_pos, aw_neg;
   ClassWeights(const at::Tensor& pos_neg, double gamma_b, double scale, double alpha) {
     const int64_t c = pos_neg.size(0);
     auto g = pos_neg.to(at::kDouble).contiguous();
@@ -108,34 +107,34 @@ struct ClassWeights {
     for (int64_t j = 0; j < c; ++j) {
       const double gam = gamma_b + scale * (1.0 - gp[j]);
       const double w = scale == 0 ? 1.0 : gam / gamma_b;
-      gamma[j] = static_cast<A>(gam);
-      aw_pos[j] = static_cast<A>(a_pos * w);
-      aw_neg[j] = static_cast<A>(a_neg * w);
+      gamma[j] = static_cast<acc>(gam);
+      aw_pos[j] = static_cast<acc>(a_pos * w);
+      aw_neg[j] = static_cast<acc>(a_neg * w);
     }
   }
 };
 
 // The positive column's soft target of row i (EQFL), checked on the rows that use it.
-template <typename A>
-A row_quality(const A* quality, int64_t i) {
-  const A q = quality[i];
-  TORCH_CHECK(q >= A(0) && q <= A(1), "quality must lie in [0, 1] on positive rows, found ", q, " at row ", i);
+template <typename acc>
+acc row_quality(const acc* quality, int64_t i) {
+  const acc q = quality[i];
+  TORCH_CHECK(q >= acc(0) && q <= acc(1), "quality must lie in [0, 1] on positive rows, found ", q, " at row ", i);
   return q;
 }
 
 // quality: nullptr for EFL, else [N] soft targets of the positive columns (EQFL).
-template <typename scalar_t, typename A>
-double forward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, int64_t n, int64_t c,
-                      const ClassWeights<A>& cw, int64_t ignore_index) {
+template <typename scalar_t, typename acc>
+double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, int64_t n, int64_t c,
+                      const ClassWeights<acc>& cw, int64_t ignore_index) {
   constexpr int64_t kRows = 32;  // fixed blocks of rows: the summation order does not depend on the thread count
   const int64_t nblocks = ltk::ceil_div(n, kRows);
   std::vector<double> partial(nblocks, 0.0);
-  const A* gamma = cw.gamma.data();
-  const A* awn = cw.aw_neg.data();
+  const acc* gamma = cw.gamma.data();
+  const acc* awn = cw.aw_neg.data();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c);
     for (int64_t b = b0; b < b1; ++b) {
-      double acc = 0.0;
+      double sum = 0.0;
       for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
         const int64_t y = lab[i];
         if (y == ignore_index) continue;
@@ -143,9 +142,9 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, i
                     " (ignored), found ", y);
         const scalar_t* row = x + i * c;
         const int64_t jp = y - 1;  // the positive column, -1 for background
-        A s = 0;
+        acc s = 0;
         auto negatives = [&](int64_t j0, int64_t j1) {
-          if constexpr (std::is_same_v<A, float>) {
+          if constexpr (std::is_same_v<acc, float>) {
             if constexpr (std::is_same_v<scalar_t, float>) {
               s += neg_loss_f32(row + j0, gamma + j0, awn + j0, j1 - j0);
             } else {  // float16/bfloat16: widen the row first
@@ -153,21 +152,21 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, i
               s += neg_loss_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0);
             }
           } else {
-            for (int64_t j = j0; j < j1; ++j) s += loss_term<A>(-static_cast<A>(row[j]), gamma[j], awn[j]);
+            for (int64_t j = j0; j < j1; ++j) s += loss_term<acc>(-static_cast<acc>(row[j]), gamma[j], awn[j]);
           }
         };
         if (jp >= 0) {
           negatives(0, jp);
-          const A xp = static_cast<A>(row[jp]);
-          s += quality ? quality_loss_term<A>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
-                       : loss_term<A>(xp, gamma[jp], cw.aw_pos[jp]);
+          const acc xp = static_cast<acc>(row[jp]);
+          s += quality ? quality_loss_term<acc>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
+                       : loss_term<acc>(xp, gamma[jp], cw.aw_pos[jp]);
           negatives(jp + 1, c);
         } else {
           negatives(0, c);
         }
-        acc += static_cast<double>(s);
+        sum += static_cast<double>(s);
       }
-      partial[b] = acc;
+      partial[b] = sum;
     }
   });
   double total = 0.0;
@@ -175,15 +174,15 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, i
   return total;
 }
 
-template <typename scalar_t, typename A>
-void backward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, scalar_t* gx, int64_t n, int64_t c,
-                     const ClassWeights<A>& cw, int64_t ignore_index, A gscale, A* pos_out, A* neg_out) {
+template <typename scalar_t, typename acc>
+void backward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, scalar_t* gx, int64_t n, int64_t c,
+                     const ClassWeights<acc>& cw, int64_t ignore_index, acc gscale, acc* pos_out, acc* neg_out) {
   // Fixed chunking (one chunk per thread at most): each chunk sums its rows in order into its own [2, C] partials,
   // merged in chunk order, so the statistics are reproducible for a given thread count.
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ltk::ceil_div(n, 64)));
   std::vector<double> part(static_cast<size_t>(nchunks) * 2 * c, 0.0);
-  const A* gamma = cw.gamma.data();
-  const A* awn = cw.aw_neg.data();
+  const acc* gamma = cw.gamma.data();
+  const acc* awn = cw.aw_neg.data();
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c), gbuf(std::is_same_v<scalar_t, float> ? 0 : c);
     for (int64_t k = c0; k < c1; ++k) {
@@ -203,13 +202,13 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, sc
         auto negatives = [&](int64_t j0, int64_t j1) {  // dz/dx = -1
           if constexpr (std::is_same_v<scalar_t, float>) {
             neg_grad_f32(row + j0, gamma + j0, awn + j0, j1 - j0, gscale, grow + j0, neg + j0);
-          } else if constexpr (std::is_same_v<A, float>) {  // float16/bfloat16 through float row buffers
+          } else if constexpr (std::is_same_v<acc, float>) {  // float16/bfloat16 through float row buffers
             for (int64_t j = j0; j < j1; ++j) xbuf[j] = static_cast<float>(row[j]);
             neg_grad_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0, gscale, gbuf.data() + j0, neg + j0);
             for (int64_t j = j0; j < j1; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
           } else {
             for (int64_t j = j0; j < j1; ++j) {
-              const A g = -grad_z<A>(-static_cast<A>(row[j]), gamma[j], awn[j]) * gscale;
+              const acc g = -grad_z<acc>(-static_cast<acc>(row[j]), gamma[j], awn[j]) * gscale;
               grow[j] = static_cast<scalar_t>(g);
               neg[j] += static_cast<double>(std::abs(g));
             }
@@ -217,9 +216,10 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, sc
         };
         if (jp >= 0) {
           negatives(0, jp);
-          const A xp = static_cast<A>(row[jp]);  // dz/dx = +1
-          const A g = (quality ? quality_grad_x<A>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
-                               : grad_z<A>(xp, gamma[jp], cw.aw_pos[jp])) * gscale;
+          const acc xp = static_cast<acc>(row[jp]);  // dz/dx = +1
+          const acc g = (quality ? quality_grad_x<acc>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
+                                 : grad_z<acc>(xp, gamma[jp], cw.aw_pos[jp])) *
+                        gscale;
           grow[jp] = static_cast<scalar_t>(g);
           pos[jp] += static_cast<double>(std::abs(g));
           negatives(jp + 1, c);
@@ -236,43 +236,32 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const A* quality, sc
         p += part[k * 2 * c + j];
         q += part[k * 2 * c + c + j];
       }
-      pos_out[j] = static_cast<A>(p);
-      neg_out[j] = static_cast<A>(q);
+      pos_out[j] = static_cast<acc>(p);
+      neg_out[j] = static_cast<acc>(q);
     }
   });
-}
-
-at::ScalarType acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // quality: undefined for EFL.
 at::Tensor forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
                        const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
                        double alpha, int64_t ignore_index) {
-  LTK_CHECK_CPU(logits);
-  LTK_CHECK_CPU(labels);
-  if (quality.defined()) {
-    LTK_CHECK_CPU(quality);
-    ltk::check_equalized_quality_focal_loss_args(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
-  } else {
-    ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
-  }
+  ltk::equalized_focal_loss::check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, at::kCPU);
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
   auto lab = labels.to(at::kLong).contiguous();
   const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
   double total = 0.0;
   LTK_DISPATCH_FLOATING(x.scalar_type(), "equalized_focal_loss_cpu", [&] {
-    using A = ltk::acc_t<scalar_t>;
+    using acc = ltk::acc_t<scalar_t>;
     if (n > 0 && c > 0) {
-      ClassWeights<A> cw(pos_neg, gamma_b, scale, alpha);
-      at::Tensor q = quality.defined() ? quality.to(acc_dtype(logits)).contiguous() : at::Tensor();
-      total = forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
-                                          q.defined() ? q.const_data_ptr<A>() : nullptr, n, c, cw, ignore_index);
+      ClassWeights<acc> cw(pos_neg, gamma_b, scale, alpha);
+      at::Tensor q = quality.defined() ? quality.to(ltk::acc_type(logits.scalar_type())).contiguous() : at::Tensor();
+      total = forward_kernel<scalar_t, acc>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+                                            q.defined() ? q.const_data_ptr<acc>() : nullptr, n, c, cw, ignore_index);
     }
   });
-  return at::scalar_tensor(total / norm, logits.options().dtype(acc_dtype(logits)));
+  return at::scalar_tensor(total / norm, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -280,14 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& pos_neg, const at::Tensor& normalizer,
                                                             double gamma_b, double scale, double alpha,
                                                             int64_t ignore_index) {
-  LTK_CHECK_CPU(logits);
-  LTK_CHECK_CPU(labels);
-  if (quality.defined()) {
-    LTK_CHECK_CPU(quality);
-    ltk::check_equalized_quality_focal_loss_args(logits, labels, quality, pos_neg, normalizer, gamma_b, scale);
-  } else {
-    ltk::check_equalized_focal_loss_args(logits, labels, pos_neg, normalizer, gamma_b, scale);
-  }
+  ltk::equalized_focal_loss::check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, at::kCPU);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
@@ -295,55 +277,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
   const double g0 = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
   auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
-  auto pos = at::zeros({c}, logits.options().dtype(acc_dtype(logits)));
-  auto neg = at::zeros({c}, logits.options().dtype(acc_dtype(logits)));
-  LTK_DISPATCH_FLOATING(x.scalar_type(), "equalized_focal_loss_backward_cpu", [&] {
-    using A = ltk::acc_t<scalar_t>;
+  auto pos = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
+  auto neg = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
+  LTK_DISPATCH_FLOATING(x.scalar_type(), "_equalized_focal_loss_backward_cpu", [&] {
+    using acc = ltk::acc_t<scalar_t>;
     if (n > 0 && c > 0) {
-      ClassWeights<A> cw(pos_neg, gamma_b, scale, alpha);
-      at::Tensor q = quality.defined() ? quality.to(acc_dtype(logits)).contiguous() : at::Tensor();
-      backward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
-                                   q.defined() ? q.const_data_ptr<A>() : nullptr, grad.data_ptr<scalar_t>(), n, c,
-                                   cw, ignore_index, static_cast<A>(g0 / norm), pos.data_ptr<A>(), neg.data_ptr<A>());
+      ClassWeights<acc> cw(pos_neg, gamma_b, scale, alpha);
+      at::Tensor q = quality.defined() ? quality.to(ltk::acc_type(logits.scalar_type())).contiguous() : at::Tensor();
+      backward_kernel<scalar_t, acc>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+                                     q.defined() ? q.const_data_ptr<acc>() : nullptr, grad.data_ptr<scalar_t>(), n, c,
+                                     cw, ignore_index, static_cast<acc>(g0 / norm), pos.data_ptr<acc>(),
+                                     neg.data_ptr<acc>());
     }
   });
   return {grad, pos, neg};
 }
 
-at::Tensor efl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg,
-                           const at::Tensor& normalizer, double gamma_b, double scale, double alpha,
-                           int64_t ignore_index, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  return forward_cpu(logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                                const at::Tensor& labels, const at::Tensor& pos_neg,
-                                                                const at::Tensor& normalizer, double gamma_b,
-                                                                double scale, double alpha, int64_t ignore_index) {
-  return backward_cpu(grad_loss, logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha,
-                      ignore_index);
-}
-
-at::Tensor eqfl_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality,
-                            const at::Tensor& pos_neg, const at::Tensor& normalizer, double gamma_b, double scale,
-                            double alpha, int64_t ignore_index, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&) {
-  return forward_cpu(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eqfl_backward_cpu(const at::Tensor& grad_loss,
-                                                                 const at::Tensor& logits, const at::Tensor& labels,
-                                                                 const at::Tensor& quality, const at::Tensor& pos_neg,
-                                                                 const at::Tensor& normalizer, double gamma_b,
-                                                                 double scale, double alpha, int64_t ignore_index) {
-  return backward_cpu(grad_loss, logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
-  m.impl("equalized_focal_loss", &efl_forward_cpu);
-  m.impl("equalized_focal_loss_backward", &efl_backward_cpu);
-  m.impl("equalized_quality_focal_loss", &eqfl_forward_cpu);
-  m.impl("equalized_quality_focal_loss_backward", &eqfl_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(ltkernels, CPU, m) { ltk::equalized_focal_loss::register_kernels<&forward_cpu, &backward_cpu>(m); }

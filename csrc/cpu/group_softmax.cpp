@@ -74,8 +74,7 @@ LTK_ALWAYS_INLINE T loss_row_t(const T* __restrict x, T* __restrict g, int64_t G
 // One row of the scores: x [K] logits, p [K] scratch (in-group probabilities), out [C + 1].
 template <typename T>
 LTK_ALWAYS_INLINE void scores_row_t(const T* __restrict x, T* __restrict p, T* __restrict out, int64_t G1,
-                                    const int64_t* __restrict off, int64_t C1,
-                                    const int64_t* __restrict score_column) {
+                                    const int64_t* __restrict off, int64_t C1, const int64_t* __restrict score_column) {
   for (int64_t k = 0; k < G1; ++k) {
     const int64_t s = off[k], n = off[k + 1] - off[k];
     T sum;
@@ -94,9 +93,9 @@ LTK_ALWAYS_INLINE void scores_row_t(const T* __restrict x, T* __restrict p, T* _
 }
 
 // float rows (float32, and float16/bfloat16 widened): compiled for AVX2+FMA and the baseline ISA.
-LTK_CPU_CLONES float loss_row(const float* __restrict x, float* __restrict g, int64_t G1,
-                              const int64_t* __restrict off, const int64_t* __restrict tgt,
-                              const bool* __restrict sel, int64_t N, const float* __restrict scale) {
+LTK_CPU_CLONES float loss_row(const float* __restrict x, float* __restrict g, int64_t G1, const int64_t* __restrict off,
+                              const int64_t* __restrict tgt, const bool* __restrict sel, int64_t N,
+                              const float* __restrict scale) {
   return loss_row_t(x, g, G1, off, tgt, sel, N, scale);
 }
 LTK_CPU_CLONES void scores_row(const float* __restrict x, float* __restrict p, float* __restrict out, int64_t G1,
@@ -113,21 +112,21 @@ void scores_row(const double* x, double* p, double* out, int64_t G1, const int64
   scores_row_t(x, p, out, G1, off, C1, score_column);
 }
 
-// fn(i, x_i, out_i, scratch) for the rows i of x [N, K] in parallel, on rows of the accumulation type A: float32
+// fn(i, x_i, out_i, scratch) for the rows i of x [N, K] in parallel, on rows of the accumulation type acc: float32
 // and float64 rows in place, float16/bfloat16 rows widened into a per-thread float row, with the [W] output row
-// narrowed back into out [N, W]. scratch: a per-thread [K] row of A.
+// narrowed back into out [N, W]. scratch: a per-thread [K] row of acc.
 template <typename scalar_t, typename F>
 void for_each_row(const scalar_t* x, scalar_t* out, int64_t N, int64_t K, int64_t W, const F& fn) {
-  using A = ltk::acc_t<scalar_t>;
-  constexpr bool kWiden = !std::is_same_v<scalar_t, A>;
+  using acc = ltk::acc_t<scalar_t>;
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    std::vector<A> scratch(K), xs(kWiden ? K : 0), os(kWiden ? W : 0);
+    std::vector<acc> scratch(K), xs(kWiden ? K : 0), os(kWiden ? W : 0);
     for (int64_t i = b; i < e; ++i) {
       const scalar_t* xi = x + i * K;
       scalar_t* oi = out + i * W;
       if constexpr (kWiden) {
-        for (int64_t j = 0; j < K; ++j) xs[j] = static_cast<A>(xi[j]);
+        for (int64_t j = 0; j < K; ++j) xs[j] = static_cast<acc>(xi[j]);
         fn(i, xs.data(), os.data(), scratch.data());
         for (int64_t j = 0; j < W; ++j) oi[j] = static_cast<scalar_t>(os[j]);
       } else {
@@ -137,9 +136,8 @@ void for_each_row(const scalar_t* x, scalar_t* out, int64_t N, int64_t K, int64_
   });
 }
 
+// The values of group_offsets (its shape is checked first).
 void check_offsets(const at::Tensor& group_offsets, int64_t K) {
-  TORCH_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 2, "group_offsets must be 1-D with >= 2 entries");
-  TORCH_CHECK(group_offsets.scalar_type() == at::kLong, "group_offsets must be int64");
   const int64_t* off = group_offsets.data_ptr<int64_t>();
   const int64_t G1 = group_offsets.size(0) - 1;
   TORCH_CHECK(off[0] == 0 && off[G1] == K, "group_offsets must run from 0 to the number of logits (", K, "), got ",
@@ -151,15 +149,9 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cpu(const at::Tensor& logi
                                                           const at::Tensor& selected_, const at::Tensor& scale_,
                                                           const at::Tensor& label_targets_,
                                                           const at::Tensor& group_offsets_) {
-  LTK_CHECK_CPU(logits_);
-  LTK_CHECK_CPU(labels_);
-  LTK_CHECK_CPU(selected_);
-  LTK_CHECK_CPU(scale_);
-  LTK_CHECK_CPU(label_targets_);
-  LTK_CHECK_CPU(group_offsets_);
-  LTK_CHECK_DIM(logits_, 2);
-  check_offsets(group_offsets_.contiguous(), logits_.size(1));
-  const ltk::GroupSoftmaxLossArgs a(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
+  LTK_CHECK_DEVICES(at::kCPU, logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
+  const ltk::group_softmax::LossArgs a(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
+  check_offsets(a.group_offsets, a.K);
   const int64_t N = a.N, K = a.K, G1 = a.G1;
   if (N == 0) return a.loss_result();
 
@@ -175,11 +167,11 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cpu(const at::Tensor& logi
     TORCH_CHECK(lab[i] >= 0 && lab[i] < C1, "labels[", i, "] = ", lab[i], " is not in 0..", C1 - 1);
   const bool* sel = a.selected.data_ptr<bool>();
   LTK_DISPATCH_FLOATING(a.logits.scalar_type(), "group_softmax_loss_cpu", [&] {
-    using A = ltk::acc_t<scalar_t>;
-    const A* sc = a.scale.data_ptr<A>();
-    A* rl = a.row_loss.data_ptr<A>();
+    using acc = ltk::acc_t<scalar_t>;
+    const acc* sc = a.scale.data_ptr<acc>();
+    acc* rl = a.row_loss.data_ptr<acc>();
     for_each_row(a.logits.data_ptr<scalar_t>(), a.grad.data_ptr<scalar_t>(), N, K, K,
-                 [&](int64_t i, const A* xi, A* gi, A*) {
+                 [&](int64_t i, const acc* xi, acc* gi, acc*) {
                    rl[i] = loss_row(xi, gi, G1, off, tt + lab[i] * G1, sel + i, N, sc);
                  });
   });
@@ -188,18 +180,13 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cpu(const at::Tensor& logi
 
 at::Tensor group_softmax_scores_cpu(const at::Tensor& logits_, const at::Tensor& group_offsets_,
                                     const at::Tensor& label_group_, const at::Tensor& score_column_) {
-  LTK_CHECK_CPU(logits_);
-  LTK_CHECK_CPU(group_offsets_);
-  LTK_CHECK_CPU(label_group_);
-  LTK_CHECK_CPU(score_column_);
-  LTK_CHECK_DIM(logits_, 2);
-  LTK_CHECK_DIM(score_column_, 1);
+  LTK_CHECK_DEVICES(at::kCPU, logits_, group_offsets_, label_group_, score_column_);
+  ltk::group_softmax::check_scores_args(logits_, group_offsets_, label_group_, score_column_);
   const int64_t N = logits_.size(0), K = logits_.size(1);
   const auto group_offsets = group_offsets_.contiguous();
   check_offsets(group_offsets, K);
   const int64_t G1 = group_offsets.size(0) - 1;
   TORCH_CHECK(G1 >= 1 && group_offsets.data_ptr<int64_t>()[1] == 2, "group 0 must have 2 columns (bg, fg)");
-  TORCH_CHECK(score_column_.scalar_type() == at::kLong, "score_column must be int64");
   const auto score_column = score_column_.contiguous();
   const int64_t C1 = score_column.size(0);
   const int64_t* sc = score_column.data_ptr<int64_t>();

@@ -21,21 +21,19 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "nms.h"
 #include "nms_math.h"
 
 namespace {
 
-// The IoU is computed in ltk::acc_t: the input's own type for float/double (as torchvision's CPU kernel), float
-// for half/bfloat16.
-template <typename T>
-using calc_t = ltk::acc_t<T>;
-
+// The IoU is computed in the accumulation type ltk::acc_t<T>: the input's own type for float/double (as
+// torchvision's CPU kernel), float for half/bfloat16.
 using ltk::nms::threshold_below;
 
-template <typename C>
+template <typename acc>
 struct KeptBoxes {  // structure of arrays of the boxes kept so far (of one class)
-  std::vector<C> x1, y1, x2, y2, area;
-  void push(C a, C b, C c, C d, C ar) {
+  std::vector<acc> x1, y1, x2, y2, area;
+  void push(acc a, acc b, acc c, acc d, acc ar) {
     x1.push_back(a), y1.push_back(b), x2.push_back(c), y2.push_back(d), area.push_back(ar);
   }
   size_t size() const { return x1.size(); }
@@ -43,14 +41,14 @@ struct KeptBoxes {  // structure of arrays of the boxes kept so far (of one clas
 };
 
 // Whether the box (bx1, by1, bx2, by2, barea) overlaps any kept box with IoU > threshold.
-template <typename C>
-inline bool overlaps_any(const KeptBoxes<C>& kept, C bx1, C by1, C bx2, C by2, C barea, C thr) {
+template <typename acc>
+inline bool overlaps_any(const KeptBoxes<acc>& kept, acc bx1, acc by1, acc bx2, acc by2, acc barea, acc thr) {
   const size_t n = kept.size();
-  const C* __restrict__ kx1 = kept.x1.data();
-  const C* __restrict__ ky1 = kept.y1.data();
-  const C* __restrict__ kx2 = kept.x2.data();
-  const C* __restrict__ ky2 = kept.y2.data();
-  const C* __restrict__ ka = kept.area.data();
+  const acc* __restrict__ kx1 = kept.x1.data();
+  const acc* __restrict__ ky1 = kept.y1.data();
+  const acc* __restrict__ kx2 = kept.x2.data();
+  const acc* __restrict__ ky2 = kept.y2.data();
+  const acc* __restrict__ ka = kept.area.data();
   constexpr size_t kBlock = 16;  // branch-free blocks the compiler vectorises, an early exit between blocks
   size_t k = 0;
   for (; k + kBlock <= n; k += kBlock) {
@@ -68,11 +66,11 @@ inline bool overlaps_any(const KeptBoxes<C>& kept, C bx1, C by1, C bx2, C by2, C
 }
 
 // Greedy step: keeps the box bx (4 values of T) unless a kept box overlaps it; returns whether it was kept.
-template <typename T, typename C>
-inline bool keep_unless_overlapping(KeptBoxes<C>& kept, const T* bx, C thr) {
-  const C x1 = static_cast<C>(bx[0]), y1 = static_cast<C>(bx[1]);
-  const C x2 = static_cast<C>(bx[2]), y2 = static_cast<C>(bx[3]);
-  const C area = ltk::nms::box_area(x1, y1, x2, y2);
+template <typename T, typename acc>
+inline bool keep_unless_overlapping(KeptBoxes<acc>& kept, const T* bx, acc thr) {
+  const acc x1 = static_cast<acc>(bx[0]), y1 = static_cast<acc>(bx[1]);
+  const acc x2 = static_cast<acc>(bx[2]), y2 = static_cast<acc>(bx[3]);
+  const acc area = ltk::nms::box_area(x1, y1, x2, y2);
   if (overlaps_any(kept, x1, y1, x2, y2, area, thr)) return false;
   kept.push(x1, y1, x2, y2, area);
   return true;
@@ -111,7 +109,7 @@ void check_values<double>(const double* p, int64_t n, bool allow_inf, const char
 
 // Greedy NMS of the candidates `order` (already in walk order) of one class; appends kept ones to `out`.
 template <typename T>
-void greedy(const T* b, const int64_t* order, int64_t n, calc_t<T> thr, KeptBoxes<calc_t<T>>& kept,
+void greedy(const T* b, const int64_t* order, int64_t n, ltk::acc_t<T> thr, KeptBoxes<ltk::acc_t<T>>& kept,
             std::vector<int64_t>& out) {
   kept.clear();
   for (int64_t t = 0; t < n; ++t) {
@@ -134,8 +132,8 @@ at::Tensor nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in, doub
     std::vector<int64_t> order(n);
     std::iota(order.begin(), order.end(), int64_t(0));
     std::stable_sort(order.begin(), order.end(), [s](int64_t a, int64_t b) { return s[a] > s[b]; });
-    KeptBoxes<calc_t<scalar_t>> kept;
-    greedy<scalar_t>(boxes.data_ptr<scalar_t>(), order.data(), n, threshold_below<calc_t<scalar_t>>(iou_threshold),
+    KeptBoxes<ltk::acc_t<scalar_t>> kept;
+    greedy<scalar_t>(boxes.data_ptr<scalar_t>(), order.data(), n, threshold_below<ltk::acc_t<scalar_t>>(iou_threshold),
                      kept, keep);
   });
   auto out = at::empty({static_cast<int64_t>(keep.size())}, boxes_in.options().dtype(at::kLong));
@@ -173,10 +171,10 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_
       if (idxs[by_class[t]] != idxs[by_class[t - 1]]) seg_start.push_back(t);
     seg_start.push_back(n);
     const int64_t num_seg = static_cast<int64_t>(seg_start.size()) - 1;
-    const auto thr = threshold_below<calc_t<scalar_t>>(iou_threshold);
+    const auto thr = threshold_below<ltk::acc_t<scalar_t>>(iou_threshold);
     // Classes are independent: greedy NMS per segment in parallel.
     at::parallel_for(0, num_seg, n >= kParallelWork ? 1 : num_seg, [&](int64_t begin, int64_t end) {
-      KeptBoxes<calc_t<scalar_t>> kept;
+      KeptBoxes<ltk::acc_t<scalar_t>> kept;
       std::vector<int64_t> local;
       for (int64_t g = begin; g < end; ++g) {
         local.clear();
@@ -205,8 +203,8 @@ struct Detection {
 // next chunk only if the walk needs it.
 template <typename T>
 void multiclass_image(const T* boxes, bool class_specific, const T* scores, int64_t C, const std::vector<int64_t>& rows,
-                      T score_thr, calc_t<T> iou_thr, int64_t max_per_image, std::vector<Detection<T>>& out) {
-  using Cc = calc_t<T>;
+                      T score_thr, ltk::acc_t<T> iou_thr, int64_t max_per_image, std::vector<Detection<T>>& out) {
+  using acc = ltk::acc_t<T>;
   struct Key {
     T score;
     int64_t flat;
@@ -220,7 +218,7 @@ void multiclass_image(const T* boxes, bool class_specific, const T* scores, int6
   const auto better = [](const Key& a, const Key& b) {
     return a.score > b.score || (!(b.score > a.score) && a.flat < b.flat);
   };
-  std::vector<KeptBoxes<Cc>> kept(C);
+  std::vector<KeptBoxes<acc>> kept(C);
   const int64_t m = static_cast<int64_t>(cand.size());
   const int64_t limit = max_per_image < 0 ? std::numeric_limits<int64_t>::max() : max_per_image;
   int64_t start = 0;
@@ -269,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclas
     check_values(s, scores.numel(), true, "scores");
     // The reference compares scores > score_threshold in the scores' dtype (torch casts the Python float).
     const scalar_t sthr = static_cast<scalar_t>(score_threshold);
-    const auto ithr = threshold_below<calc_t<scalar_t>>(iou_threshold);
+    const auto ithr = threshold_below<ltk::acc_t<scalar_t>>(iou_threshold);
     // an image's work is its candidates (up to rows x C scores)
     const int64_t grain = n * C >= kParallelWork * 4 ? 1 : std::max<int64_t>(num_images, 1);
     at::parallel_for(0, num_images, grain, [&](int64_t begin, int64_t end) {

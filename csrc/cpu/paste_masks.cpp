@@ -19,8 +19,7 @@ using ltk::paste_masks::IntBox;
 using ltk::paste_masks::Taps;
 
 template <typename T, typename acc, typename B>
-void paste(const T* masks, const B* boxes, int64_t K, int64_t M, int64_t H, int64_t W, double threshold,
-           bool* out) {
+void paste(const T* masks, const B* boxes, int64_t K, int64_t M, int64_t H, int64_t W, double threshold, bool* out) {
   std::vector<IntBox> ib(K);
   const B scale = static_cast<B>(static_cast<double>(M + 2) / static_cast<double>(M));
   for (int64_t k = 0; k < K; ++k) ib[k] = ltk::paste_masks::expand_box<B>(boxes + 4 * k, scale);
@@ -56,7 +55,7 @@ void paste(const T* masks, const B* boxes, int64_t K, int64_t M, int64_t H, int6
 void paste_masks_into_cpu(const at::Tensor& masks, const at::Tensor& boxes, double threshold, const at::Tensor& out) {
   ltk::paste_masks::check_inputs(masks, boxes);
   ltk::paste_masks::check_out(masks, out);
-  LTK_CHECK_CPU(masks);
+  LTK_CHECK_DEVICES(at::kCPU, masks, boxes, out);
   const int64_t K = masks.size(0), M = masks.size(1), H = out.size(1), W = out.size(2);
   if (out.numel() == 0) return;
   const at::Tensor b = ltk::paste_masks::box_tensor(boxes);

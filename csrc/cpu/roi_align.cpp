@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "roi_align.h"
 #include "roi_align_math.h"
 
 namespace {
@@ -112,23 +113,9 @@ void check_rois(const acc* rois, acc scale, const Dims& d) {
 }
 
 // Rough count of bilinear taps: is a transposing copy of the input (2 passes over N*C*H*W) worth it?
-bool prefer_channels_last(int64_t K, int64_t PH, int64_t PW, int64_t sampling_ratio, int64_t N, int64_t H,
-                          int64_t W) {
+bool prefer_channels_last(int64_t K, int64_t PH, int64_t PW, int64_t sampling_ratio, int64_t N, int64_t H, int64_t W) {
   const double taps_per_bin = sampling_ratio > 0 ? 4.0 * sampling_ratio * sampling_ratio : 16.0;
   return static_cast<double>(K) * PH * PW * taps_per_bin >= 2.0 * N * H * W;
-}
-
-// Checks of the arguments that forward and backward share; `t` is the input or the incoming gradient.
-void check_args(const at::Tensor& t, const char* name, const at::Tensor& rois, int64_t PH, int64_t PW) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  LTK_CHECK_CPU(rois);
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got shape ", t.sizes());
-  LTK_CHECK_DIM(rois, 2);
-  TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be a floating-point tensor, got ",
-              rois.scalar_type());
-  TORCH_CHECK(PH > 0 && PW > 0, "pooled_height and pooled_width must be positive, got ", PH, " and ", PW);
 }
 
 // The RoIs in the accumulation type, checked.
@@ -201,9 +188,9 @@ void forward_nchw(const T* in /*[N,C,H,W]*/, const acc* rois, acc scale, T* out,
 
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                  int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
-  check_args(input, "input", rois, pooled_height, pooled_width);
-  const Dims d{rois.size(0), input.size(0), input.size(1), input.size(2), input.size(3),
-               pooled_height, pooled_width, sampling_ratio, aligned};
+  ltk::roi_align::check_args(input, "input", rois, pooled_height, pooled_width, at::kCPU);
+  const Dims d{rois.size(0),  input.size(0), input.size(1),  input.size(2), input.size(3),
+               pooled_height, pooled_width,  sampling_ratio, aligned};
   at::Tensor out = at::empty({d.K, d.C, d.PH, d.PW}, input.options());
   if (out.numel() == 0) return out;
   if (d.H == 0 || d.W == 0) return out.zero_();
@@ -264,8 +251,7 @@ void backward_channels_last(const T* grad /*[K,C,PH,PW]*/, const acc* rois, acc 
 }
 
 template <typename T, typename acc>
-void backward_nchw(const T* grad /*[K,C,PH,PW]*/, const acc* rois, acc scale, acc* gi /*[N,C,H,W]*/,
-                   const Dims& d) {
+void backward_nchw(const T* grad /*[K,C,PH,PW]*/, const acc* rois, acc scale, acc* gi /*[N,C,H,W]*/, const Dims& d) {
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
     Axis<acc> ay, ax;
     for (int64_t k = 0; k < d.K; ++k) {
@@ -293,14 +279,9 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                   bool deterministic) {
   // `deterministic` changes nothing here: the CPU backward is always deterministic.
-  check_args(grad, "grad", rois, pooled_height, pooled_width);
-  TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, "input sizes must be non-negative");
-  TORCH_CHECK(grad.size(0) == rois.size(0) && grad.size(1) == channels && grad.size(2) == pooled_height &&
-                  grad.size(3) == pooled_width,
-              "grad must have shape [", rois.size(0), ", ", channels, ", ", pooled_height, ", ", pooled_width,
-              "], got ", grad.sizes());
-  const Dims d{rois.size(0), batch_size, channels, height, width, pooled_height, pooled_width, sampling_ratio,
-               aligned};
+  ltk::roi_align::check_args(grad, "grad", rois, pooled_height, pooled_width, at::kCPU);
+  ltk::roi_align::check_backward_sizes(grad, rois, pooled_height, pooled_width, batch_size, channels, height, width);
+  const Dims d{rois.size(0), batch_size, channels, height, width, pooled_height, pooled_width, sampling_ratio, aligned};
   at::Tensor grad_input = at::zeros({d.N, d.C, d.H, d.W}, grad.options());
   if (grad.numel() == 0 || grad_input.numel() == 0) return grad_input;
 
@@ -317,9 +298,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
       grad_input.copy_(gi.permute({0, 3, 1, 2}));
     } else {
       const at::Tensor g = grad.contiguous();
-      at::Tensor gi = grad.scalar_type() == acc_type
-                          ? grad_input
-                          : at::zeros({d.N, d.C, d.H, d.W}, grad.options().dtype(acc_type));
+      at::Tensor gi =
+          grad.scalar_type() == acc_type ? grad_input : at::zeros({d.N, d.C, d.H, d.W}, grad.options().dtype(acc_type));
       backward_nchw<scalar_t, acc>(g.const_data_ptr<scalar_t>(), r, scale, gi.mutable_data_ptr<acc>(), d);
       if (!gi.is_same(grad_input)) grad_input.copy_(gi);
     }

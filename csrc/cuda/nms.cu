@@ -22,13 +22,14 @@
 
 #include "common.h"
 #include "cuda/launch.h"
+#include "nms.h"
 #include "nms_math.h"
 
 namespace {
 
-constexpr int kTile = 64;          // boxes per bitmask word
+constexpr int kTile = 64;  // boxes per bitmask word
 constexpr int kReduceThreads = 256;
-constexpr int kWalkThreads = 64;   // threads per segment walk
+constexpr int kWalkThreads = 64;  // threads per segment walk
 
 using ltk::nms::box_area;
 using ltk::nms::iou_above;
@@ -37,17 +38,17 @@ using ltk::nms::threshold_below;
 // ---- nms: bitmask ----------------------------------------------------------------------------------------
 
 // mask[i * col_blocks + cb] bit k: box i suppresses box cb * 64 + k (> i). Tiles below the diagonal are skipped.
-template <typename C>
-__global__ void nms_mask_kernel(const C* __restrict__ boxes, int64_t n, int64_t col_blocks, C thr,
+template <typename acc>
+__global__ void nms_mask_kernel(const acc* __restrict__ boxes, int64_t n, int64_t col_blocks, acc thr,
                                 unsigned long long* __restrict__ mask) {
   const int64_t row_block = blockIdx.y, col_block = blockIdx.x;
   if (row_block > col_block) return;
   const int row_size = static_cast<int>(min(n - row_block * kTile, static_cast<int64_t>(kTile)));
   const int col_size = static_cast<int>(min(n - col_block * kTile, static_cast<int64_t>(kTile)));
-  LTK_SHARED(C, tile, kTile * 5);
+  LTK_SHARED(acc, tile, kTile * 5);
   const int t = threadIdx.x;
   if (t < col_size) {
-    const C* b = boxes + (col_block * kTile + t) * 4;
+    const acc* b = boxes + (col_block * kTile + t) * 4;
     tile[t * 5 + 0] = b[0];
     tile[t * 5 + 1] = b[1];
     tile[t * 5 + 2] = b[2];
@@ -57,12 +58,12 @@ __global__ void nms_mask_kernel(const C* __restrict__ boxes, int64_t n, int64_t 
   __syncthreads();
   if (t < row_size) {
     const int64_t i = row_block * kTile + t;
-    const C* a = boxes + i * 4;
-    const C ax1 = a[0], ay1 = a[1], ax2 = a[2], ay2 = a[3];
-    const C aarea = box_area(ax1, ay1, ax2, ay2);
+    const acc* a = boxes + i * 4;
+    const acc ax1 = a[0], ay1 = a[1], ax2 = a[2], ay2 = a[3];
+    const acc aarea = box_area(ax1, ay1, ax2, ay2);
     unsigned long long bits = 0;
     for (int k = (row_block == col_block) ? t + 1 : 0; k < col_size; ++k) {
-      const C* c = tile + k * 5;
+      const acc* c = tile + k * 5;
       if (iou_above(ax1, ay1, ax2, ay2, aarea, c[0], c[1], c[2], c[3], c[4], thr)) bits |= 1ULL << k;
     }
     mask[i * col_blocks + col_block] = bits;
@@ -119,8 +120,6 @@ void check_values(const at::Tensor& boxes, const at::Tensor& scores, const at::T
   TORCH_CHECK(parts.size() < 3 || !f[2], "image_index must lie in [0, num_images), num_images = ", num_images);
 }
 
-at::ScalarType calc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
   ltk::nms::check_boxes_scores(boxes, scores, LTK_CUDA_DEVICE);
   c10::cuda::CUDAGuard guard(boxes.device());
@@ -130,21 +129,21 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double io
   const int64_t col_blocks = ltk::ceil_div(n, kTile);
   TORCH_CHECK(col_blocks <= 65535, "nms on CUDA supports at most ", 65535 * kTile, " boxes, got ", n);
   const auto order = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-  const auto sorted = boxes.index_select(0, order).to(calc_type(boxes.scalar_type())).contiguous();
+  const auto sorted = boxes.index_select(0, order).to(ltk::acc_type(boxes.scalar_type())).contiguous();
   auto mask = at::empty({n * col_blocks}, boxes.options().dtype(at::kLong));
   auto remv = at::zeros({col_blocks}, boxes.options().dtype(at::kLong));
   auto keep = at::empty({n}, boxes.options().dtype(at::kBool));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(sorted.scalar_type(), "ltkernels_nms_cuda", [&] {
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(col_blocks));
-    LTK_LAUNCH(grid, kTile, 0, stream, nms_mask_kernel<scalar_t>)(
-        sorted.data_ptr<scalar_t>(), n, col_blocks, threshold_below<scalar_t>(iou_threshold),
-        reinterpret_cast<unsigned long long*>(mask.data_ptr<int64_t>()));
+    LTK_LAUNCH(grid, kTile, 0, stream, nms_mask_kernel<scalar_t>)
+    (sorted.data_ptr<scalar_t>(), n, col_blocks, threshold_below<scalar_t>(iou_threshold),
+     reinterpret_cast<unsigned long long*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  LTK_LAUNCH(1, kReduceThreads, 0, stream, nms_reduce_kernel)(
-      reinterpret_cast<const unsigned long long*>(mask.data_ptr<int64_t>()), n, col_blocks,
-      reinterpret_cast<unsigned long long*>(remv.data_ptr<int64_t>()), keep.data_ptr<bool>());
+  LTK_LAUNCH(1, kReduceThreads, 0, stream, nms_reduce_kernel)
+  (reinterpret_cast<const unsigned long long*>(mask.data_ptr<int64_t>()), n, col_blocks,
+   reinterpret_cast<unsigned long long*>(remv.data_ptr<int64_t>()), keep.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return order.index_select(0, at::nonzero(keep).view(-1));
 }
@@ -155,9 +154,9 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double io
 // are contiguous and in decreasing score order. One block per segment start (grid-stride); keep[p] = kept or not.
 // scratch [M, 5]: the kept boxes of the segment starting at s live in rows s.. (kept box k is written and read
 // only by thread k % blockDim.x, so the walk needs no barrier beyond the vote).
-template <typename C>
-__global__ void segment_walk_kernel(const C* __restrict__ boxes, const int64_t* __restrict__ key, int64_t m, C thr,
-                                    C* __restrict__ scratch, bool* __restrict__ keep) {
+template <typename acc>
+__global__ void segment_walk_kernel(const acc* __restrict__ boxes, const int64_t* __restrict__ key, int64_t m, acc thr,
+                                    acc* __restrict__ scratch, bool* __restrict__ keep) {
   const int t = threadIdx.x;
   for (int64_t s = blockIdx.x; s < m; s += gridDim.x) {
     const int64_t k_s = key[s];
@@ -166,25 +165,28 @@ __global__ void segment_walk_kernel(const C* __restrict__ boxes, const int64_t* 
     int64_t lo = s + 1, hi = m;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (key[mid] <= k_s) lo = mid + 1; else hi = mid;
+      if (key[mid] <= k_s)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     const int64_t end = lo;
-    C* kept = scratch + s * 5;
+    acc* kept = scratch + s * 5;
     int64_t nk = 0;
     for (int64_t p = s; p < end; ++p) {
-      const C* b = boxes + p * 4;
-      const C bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
-      const C barea = box_area(bx1, by1, bx2, by2);
+      const acc* b = boxes + p * 4;
+      const acc bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
+      const acc barea = box_area(bx1, by1, bx2, by2);
       bool sup = false;
       for (int64_t k = t; k < nk && !sup; k += blockDim.x) {
-        const C* a = kept + k * 5;
+        const acc* a = kept + k * 5;
         sup = iou_above(a[0], a[1], a[2], a[3], a[4], bx1, by1, bx2, by2, barea, thr);
       }
       const bool any = __syncthreads_or(sup) != 0;
       if (t == 0) keep[p] = !any;
       if (!any) {
         if (nk % blockDim.x == t) {
-          C* a = kept + nk * 5;
+          acc* a = kept + nk * 5;
           a[0] = bx1, a[1] = by1, a[2] = bx2, a[3] = by2, a[4] = barea;
         }
         ++nk;
@@ -203,9 +205,9 @@ at::Tensor segment_walk(const at::Tensor& boxes_c, const at::Tensor& key, double
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t grid = std::min<int64_t>(m, static_cast<int64_t>(sms) * 32);
   AT_DISPATCH_FLOATING_TYPES(boxes_c.scalar_type(), "ltkernels_segment_walk", [&] {
-    LTK_LAUNCH(static_cast<unsigned>(grid), kWalkThreads, 0, stream, segment_walk_kernel<scalar_t>)(
-        boxes_c.data_ptr<scalar_t>(), key.data_ptr<int64_t>(), m, threshold_below<scalar_t>(iou_threshold),
-        scratch.data_ptr<scalar_t>(), keep.data_ptr<bool>());
+    LTK_LAUNCH(static_cast<unsigned>(grid), kWalkThreads, 0, stream, segment_walk_kernel<scalar_t>)
+    (boxes_c.data_ptr<scalar_t>(), key.data_ptr<int64_t>(), m, threshold_below<scalar_t>(iou_threshold),
+     scratch.data_ptr<scalar_t>(), keep.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return keep;
@@ -224,7 +226,7 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, c
   const auto cls = idxs.to(at::kLong).index_select(0, by_score);
   auto [key, perm] = at::sort(cls, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto order = by_score.index_select(0, perm);
-  const auto boxes_c = boxes.index_select(0, order).to(calc_type(boxes.scalar_type())).contiguous();
+  const auto boxes_c = boxes.index_select(0, order).to(ltk::acc_type(boxes.scalar_type())).contiguous();
   const auto keep = segment_walk(boxes_c, key.contiguous(), iou_threshold);
   // Survivors in decreasing score order (ties: lower index): filter the global score order.
   auto keep_by_box = at::empty({n}, keep.options());
@@ -260,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclas
   const auto order = by_score.index_select(0, perm);
   const auto box_rows = class_specific ? flat : rows;
   const auto cand_boxes = boxes.reshape({-1, 4}).index_select(0, box_rows);
-  const auto walk_boxes = cand_boxes.index_select(0, order).to(calc_type(boxes.scalar_type())).contiguous();
+  const auto walk_boxes = cand_boxes.index_select(0, order).to(ltk::acc_type(boxes.scalar_type())).contiguous();
   const auto keep = segment_walk(walk_boxes, key.contiguous(), iou_threshold);
   auto keep_c = at::empty({m}, keep.options());
   keep_c.index_put_({order}, keep);

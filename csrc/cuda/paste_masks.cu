@@ -74,16 +74,16 @@ void launch(const at::Tensor& m, const at::Tensor& b, int64_t H, int64_t W, int6
   const int64_t blocks = std::min<int64_t>(ltk::ceil_div(total, kThreads), int64_t{1} << 16);
   const B scale = static_cast<B>(static_cast<double>(M + 2) / static_cast<double>(M));
   LTK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream(),
-             paste_masks_kernel<T, acc, B, V>)(m.const_data_ptr<T>(), b.const_data_ptr<B>(), rows, H, W, M, scale,
-                                               static_cast<acc>(threshold),
-                                               reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>()));
+             paste_masks_kernel<T, acc, B, V>)
+  (m.const_data_ptr<T>(), b.const_data_ptr<B>(), rows, H, W, M, scale, static_cast<acc>(threshold),
+   reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void paste_masks_into_cuda(const at::Tensor& masks, const at::Tensor& boxes, double threshold, const at::Tensor& out) {
   ltk::paste_masks::check_inputs(masks, boxes);
   ltk::paste_masks::check_out(masks, out);
-  LTK_CHECK_CUDA(masks);
+  LTK_CHECK_DEVICES(LTK_CUDA_DEVICE, masks, boxes, out);
   const int64_t M = masks.size(1), H = out.size(1), W = out.size(2);
   if (out.numel() == 0) return;
   c10::cuda::CUDAGuard guard(masks.device());
@@ -94,11 +94,15 @@ void paste_masks_into_cuda(const at::Tensor& masks, const at::Tensor& boxes, dou
   LTK_DISPATCH_FLOATING(m.scalar_type(), "paste_masks_cuda", [&] {
     using acc = ltk::acc_t<scalar_t>;
     if (b.scalar_type() == at::kDouble) {
-      if (words) launch<scalar_t, acc, double, 4>(m, b, H, W, M, threshold, out);
-      else launch<scalar_t, acc, double, 1>(m, b, H, W, M, threshold, out);
+      if (words)
+        launch<scalar_t, acc, double, 4>(m, b, H, W, M, threshold, out);
+      else
+        launch<scalar_t, acc, double, 1>(m, b, H, W, M, threshold, out);
     } else {
-      if (words) launch<scalar_t, acc, float, 4>(m, b, H, W, M, threshold, out);
-      else launch<scalar_t, acc, float, 1>(m, b, H, W, M, threshold, out);
+      if (words)
+        launch<scalar_t, acc, float, 4>(m, b, H, W, M, threshold, out);
+      else
+        launch<scalar_t, acc, float, 1>(m, b, H, W, M, threshold, out);
     }
   });
 }

@@ -11,16 +11,17 @@
 // Geometry follows torchvision's kernels (csrc/roi_align_math.h, shared with the CPU kernels; computed in float, or
 // double for float64 input).
 #include <ATen/ATen.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <ATen/cuda/Atomic.cuh>
 
 #include <algorithm>
 
 #include "common.h"
 #include "cuda/launch.h"
+#include "roi_align.h"
 #include "roi_align_math.h"
 
 namespace {
@@ -185,8 +186,8 @@ __device__ __forceinline__ void touched_range(acc start, acc bin, int pooled, in
 
 // Per RoI, in image-grouped order: the rectangle of grad_input its samples can touch (y0, y1, x0, x1).
 template <typename acc>
-__global__ void roi_bounds_kernel(int64_t K, const acc* __restrict__ rois, const int64_t* __restrict__ order,
-                                  acc scale, int64_t N, int H, int W, int PH, int PW, int sampling_ratio, bool aligned,
+__global__ void roi_bounds_kernel(int64_t K, const acc* __restrict__ rois, const int64_t* __restrict__ order, acc scale,
+                                  int64_t N, int H, int W, int PH, int PW, int sampling_ratio, bool aligned,
                                   int4* __restrict__ bounds) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < K;
        j += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -244,30 +245,18 @@ __global__ void roi_align_backward_gather_kernel(int64_t total, const T* __restr
 }
 
 // ---- host wrappers ------------------------------------------------------------------------------------------------
-void check_common(const at::Tensor& t, const at::Tensor& rois, const char* name) {
-  TORCH_CHECK(t.device().type() == LTK_CUDA_DEVICE, name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(rois.device().type() == LTK_CUDA_DEVICE && rois.device() == t.device(), "rois must be on ",
-              t.device(), ", got ", rois.device());
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got shape ", t.sizes());
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be a floating-point tensor, got ",
-              rois.scalar_type());
-}
-
-void check_sizes(int64_t PH, int64_t PW, int64_t H, int64_t W) {
-  TORCH_CHECK(PH > 0 && PW > 0, "pooled_height and pooled_width must be positive, got ", PH, " and ", PW);
-  TORCH_CHECK(H < (int64_t{1} << 30) && W < (int64_t{1} << 30) && PH < (int64_t{1} << 30) &&
-                  PW < (int64_t{1} << 30) && PH * PW < (int64_t{1} << 31),
+// The kernels index with int: the sizes must fit.
+void check_int_sizes(int64_t PH, int64_t PW, int64_t H, int64_t W) {
+  TORCH_CHECK(H < (int64_t{1} << 30) && W < (int64_t{1} << 30) && PH < (int64_t{1} << 30) && PW < (int64_t{1} << 30) &&
+                  PH * PW < (int64_t{1} << 31),
               "roi_align: sizes too large");
 }
 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                                  int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-                                  bool aligned) {
-  check_common(input, rois, "input");
+                                  int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
+  ltk::roi_align::check_args(input, "input", rois, pooled_height, pooled_width, LTK_CUDA_DEVICE);
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  check_sizes(pooled_height, pooled_width, H, W);
+  check_int_sizes(pooled_height, pooled_width, H, W);
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({K, C, pooled_height, pooled_width}, input.options());
   const int64_t total = out.numel();
@@ -278,10 +267,10 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   LTK_DISPATCH_FLOATING(input.scalar_type(), "roi_align_forward_cuda", [&] {
     using acc = ltk::acc_t<scalar_t>;
     const at::Tensor r = rois.to(c10::CppTypeToScalarType<acc>::value).contiguous();
-    LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, acc>)(
-        total, in.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), static_cast<acc>(spatial_scale), N, C,
-        static_cast<int>(H), static_cast<int>(W), static_cast<int>(pooled_height), static_cast<int>(pooled_width),
-        static_cast<int>(sampling_ratio), aligned, out.mutable_data_ptr<scalar_t>());
+    LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, acc>)
+    (total, in.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), static_cast<acc>(spatial_scale), N, C,
+     static_cast<int>(H), static_cast<int>(W), static_cast<int>(pooled_height), static_cast<int>(pooled_width),
+     static_cast<int>(sampling_ratio), aligned, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -291,14 +280,10 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
                                    int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                    bool deterministic) {
-  check_common(grad, rois, "grad");
-  check_sizes(pooled_height, pooled_width, height, width);
-  TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0, "input sizes must be non-negative");
+  ltk::roi_align::check_args(grad, "grad", rois, pooled_height, pooled_width, LTK_CUDA_DEVICE);
+  ltk::roi_align::check_backward_sizes(grad, rois, pooled_height, pooled_width, batch_size, channels, height, width);
+  check_int_sizes(pooled_height, pooled_width, height, width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK(grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_height &&
-                  grad.size(3) == pooled_width,
-              "grad must have shape [", K, ", ", channels, ", ", pooled_height, ", ", pooled_width, "], got ",
-              grad.sizes());
   c10::cuda::CUDAGuard guard(grad.device());
   const int64_t N = batch_size, C = channels;
   const int H = static_cast<int>(height), W = static_cast<int>(width);
@@ -321,28 +306,27 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
       const at::Tensor keys = std::get<0>(sorted).contiguous();
       const at::Tensor order = std::get<1>(sorted).contiguous();
       const at::Tensor begin =
-          at::searchsorted(keys, at::arange(N + 1, image.options()), /*out_int32=*/false, /*right=*/false)
-              .contiguous();
+          at::searchsorted(keys, at::arange(N + 1, image.options()), /*out_int32=*/false, /*right=*/false).contiguous();
       at::Tensor bounds = at::empty({K, 4}, image.options().dtype(at::kInt));
       if (K > 0) {
-        LTK_LAUNCH(num_blocks(K), kThreads, 0, stream, roi_bounds_kernel<acc>)(
-            K, r.const_data_ptr<acc>(), order.const_data_ptr<int64_t>(), scale, N, H, W, PH, PW, sr, aligned,
-            reinterpret_cast<int4*>(bounds.mutable_data_ptr<int32_t>()));
+        LTK_LAUNCH(num_blocks(K), kThreads, 0, stream, roi_bounds_kernel<acc>)
+        (K, r.const_data_ptr<acc>(), order.const_data_ptr<int64_t>(), scale, N, H, W, PH, PW, sr, aligned,
+         reinterpret_cast<int4*>(bounds.mutable_data_ptr<int32_t>()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       grad_input = at::empty({N, C, height, width}, grad.options());
       const int64_t total = grad_input.numel();
-      LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_backward_gather_kernel<scalar_t, acc>)(
-          total, g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), order.const_data_ptr<int64_t>(),
-          reinterpret_cast<const int4*>(bounds.const_data_ptr<int32_t>()), begin.const_data_ptr<int64_t>(), scale, N,
-          C, H, W, PH, PW, sr, aligned, grad_input.mutable_data_ptr<scalar_t>());
+      LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_backward_gather_kernel<scalar_t, acc>)
+      (total, g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), order.const_data_ptr<int64_t>(),
+       reinterpret_cast<const int4*>(bounds.const_data_ptr<int32_t>()), begin.const_data_ptr<int64_t>(), scale, N, C, H,
+       W, PH, PW, sr, aligned, grad_input.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       at::Tensor buffer = at::zeros({N, C, height, width}, grad.options().dtype(acc_type));
       const int64_t total = g.numel();
-      LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, acc>)(
-          total, g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), scale, N, C, H, W, PH, PW, sr, aligned,
-          buffer.mutable_data_ptr<acc>());
+      LTK_LAUNCH(num_blocks(total), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, acc>)
+      (total, g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc>(), scale, N, C, H, W, PH, PW, sr, aligned,
+       buffer.mutable_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       grad_input = grad.scalar_type() == acc_type ? buffer : buffer.to(grad.scalar_type());
     }

@@ -56,8 +56,20 @@ namespace ltk_emu {
 using Loc = std::source_location;
 
 // ---- the scheduler's interface (runtime.cpp) ------------------------------------------------------------------------
-enum class Sync : int { Barrier, BarrierOr, BarrierAnd, BarrierCount, WarpSync, ShflIdx, ShflUp, ShflDown, ShflXor,
-                        Ballot, Any, All };
+enum class Sync : int {
+  Barrier,
+  BarrierOr,
+  BarrierAnd,
+  BarrierCount,
+  WarpSync,
+  ShflIdx,
+  ShflUp,
+  ShflDown,
+  ShflXor,
+  Ballot,
+  Any,
+  All
+};
 
 // Suspends the calling CUDA thread at a sync point until the scheduler completes it; returns the op's result
 // (the vote, or the bits of the shuffled value).
@@ -88,10 +100,13 @@ struct Launcher {
       void (*kernel)(P...);
       const std::tuple<P...>* args;
     } ctx{kernel, &args};
-    run_grid(info, [](const void* c) {
-      const Ctx* x = static_cast<const Ctx*>(c);
-      std::apply(x->kernel, *x->args);
-    }, &ctx);
+    run_grid(
+        info,
+        [](const void* c) {
+          const Ctx* x = static_cast<const Ctx*>(c);
+          std::apply(x->kernel, *x->args);
+        },
+        &ctx);
   }
 };
 
@@ -144,7 +159,7 @@ T atomic_add(T* address, T val) {
 }  // namespace ltk_emu
 
 // ---- launches and shared memory (csrc/cuda/launch.h gives the nvcc forms) ----------------------------------------
-#define LTK_LAUNCH(grid, block, smem, stream, ...)                                                              \
+#define LTK_LAUNCH(grid, block, smem, stream, ...)                                                         \
   ::ltk_emu::launch(#__VA_ARGS__, __FILE__, __LINE__, ::ltk_emu::to_dim3(grid), ::ltk_emu::to_dim3(block), \
                     static_cast<size_t>(smem), __VA_ARGS__)
 #define LTK_SHARED(T, name, n)               \
@@ -153,8 +168,8 @@ T atomic_add(T* address, T val) {
 #define LTK_DYNAMIC_SHARED(T, name) T* const name = static_cast<T*>(::ltk_emu::dynamic_shared())
 
 #undef CUDA_KERNEL_ASSERT
-#define CUDA_KERNEL_ASSERT(cond) \
-  do {                           \
+#define CUDA_KERNEL_ASSERT(cond)                                                         \
+  do {                                                                                   \
     if (C10_UNLIKELY(!(cond))) ::ltk_emu::kernel_assert_fail(#cond, __FILE__, __LINE__); \
   } while (0)
 
@@ -177,26 +192,26 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, const ltk_emu::Loc& loc = lt
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
               const ltk_emu::Loc& loc = ltk_emu::Loc::current()) {
-  return ltk_emu::from_bits<T>(ltk_emu::sync_point(ltk_emu::Sync::ShflIdx, mask, ltk_emu::to_bits(var), src_lane,
-                                                   width, loc));
+  return ltk_emu::from_bits<T>(
+      ltk_emu::sync_point(ltk_emu::Sync::ShflIdx, mask, ltk_emu::to_bits(var), src_lane, width, loc));
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T var, unsigned int delta, int width = warpSize,
                  const ltk_emu::Loc& loc = ltk_emu::Loc::current()) {
-  return ltk_emu::from_bits<T>(ltk_emu::sync_point(ltk_emu::Sync::ShflUp, mask, ltk_emu::to_bits(var),
-                                                   static_cast<int>(delta), width, loc));
+  return ltk_emu::from_bits<T>(
+      ltk_emu::sync_point(ltk_emu::Sync::ShflUp, mask, ltk_emu::to_bits(var), static_cast<int>(delta), width, loc));
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T var, unsigned int delta, int width = warpSize,
                    const ltk_emu::Loc& loc = ltk_emu::Loc::current()) {
-  return ltk_emu::from_bits<T>(ltk_emu::sync_point(ltk_emu::Sync::ShflDown, mask, ltk_emu::to_bits(var),
-                                                   static_cast<int>(delta), width, loc));
+  return ltk_emu::from_bits<T>(
+      ltk_emu::sync_point(ltk_emu::Sync::ShflDown, mask, ltk_emu::to_bits(var), static_cast<int>(delta), width, loc));
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                   const ltk_emu::Loc& loc = ltk_emu::Loc::current()) {
-  return ltk_emu::from_bits<T>(ltk_emu::sync_point(ltk_emu::Sync::ShflXor, mask, ltk_emu::to_bits(var), lane_mask,
-                                                   width, loc));
+  return ltk_emu::from_bits<T>(
+      ltk_emu::sync_point(ltk_emu::Sync::ShflXor, mask, ltk_emu::to_bits(var), lane_mask, width, loc));
 }
 inline unsigned __ballot_sync(unsigned mask, int pred, const ltk_emu::Loc& loc = ltk_emu::Loc::current()) {
   return static_cast<unsigned>(ltk_emu::sync_point(ltk_emu::Sync::Ballot, mask, pred != 0, 0, 0, loc));
@@ -218,23 +233,29 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigne
 inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
 
 template <typename T>
-T atomicAdd(T* address, T val) { return ltk_emu::atomic_add(address, val); }
+T atomicAdd(T* address, T val) {
+  return ltk_emu::atomic_add(address, val);
+}
 template <typename T>
 T atomicMax(T* address, T val) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
-  while (old < val && !ref.compare_exchange_weak(old, val)) {}
+  while (old < val && !ref.compare_exchange_weak(old, val)) {
+  }
   return old;
 }
 template <typename T>
 T atomicMin(T* address, T val) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
-  while (val < old && !ref.compare_exchange_weak(old, val)) {}
+  while (val < old && !ref.compare_exchange_weak(old, val)) {
+  }
   return old;
 }
 template <typename T>
-T atomicExch(T* address, T val) { return std::atomic_ref<T>(*address).exchange(val); }
+T atomicExch(T* address, T val) {
+  return std::atomic_ref<T>(*address).exchange(val);
+}
 template <typename T>
 T atomicCAS(T* address, T compare, T val) {
   std::atomic_ref<T>(*address).compare_exchange_strong(compare, val);

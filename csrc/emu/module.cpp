@@ -13,10 +13,14 @@ namespace {
 
 void configure(const std::string& order, uint64_t seed, int sms) {
   ltk_emu::Config c;
-  if (order == "forward") c.order = ltk_emu::Order::Forward;
-  else if (order == "reverse") c.order = ltk_emu::Order::Reverse;
-  else if (order == "random") c.order = ltk_emu::Order::Random;
-  else throw pybind11::value_error("order must be 'forward', 'reverse' or 'random', got '" + order + "'");
+  if (order == "forward")
+    c.order = ltk_emu::Order::Forward;
+  else if (order == "reverse")
+    c.order = ltk_emu::Order::Reverse;
+  else if (order == "random")
+    c.order = ltk_emu::Order::Random;
+  else
+    throw pybind11::value_error("order must be 'forward', 'reverse' or 'random', got '" + order + "'");
   c.seed = seed;
   c.sms = sms;
   ltk_emu::configure(c);

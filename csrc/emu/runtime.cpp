@@ -8,11 +8,11 @@
 // most missing-barrier races visible in one of the three. Shared memory is poisoned (0xFF bytes: NaN) before each
 // block. Every misuse is an error naming the kernel, its launch site, the block, the thread and the source line.
 #include <ATen/Parallel.h>
-#include <boost/context/fiber.hpp>
-#include <boost/context/stack_context.hpp>
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <boost/context/fiber.hpp>
+#include <boost/context/stack_context.hpp>
 
 #include <algorithm>
 #include <cstring>
@@ -126,7 +126,7 @@ struct Block {
   int64_t linear;
   std::vector<Thread> threads;
   Thread* current = nullptr;
-  std::vector<unsigned char> smem;   // dynamic shared memory, exactly the launch's size
+  std::vector<unsigned char> smem;  // dynamic shared memory, exactly the launch's size
   std::unique_ptr<unsigned char[]> arena{new unsigned char[kSharedLimit]};  // static shared memory
   std::vector<std::pair<const void*, size_t>> sites;
   size_t arena_used = 0;
@@ -150,8 +150,7 @@ std::string at_line(const Thread& t) {
 }
 
 Block& current_block(const char* what) {
-  TORCH_CHECK(t_block != nullptr && t_block->current != nullptr, "CUDA emulation: ", what,
-              " called outside a kernel");
+  TORCH_CHECK(t_block != nullptr && t_block->current != nullptr, "CUDA emulation: ", what, " called outside a kernel");
   return *t_block;
 }
 
@@ -172,8 +171,8 @@ bool try_complete_warp(Block& b, Thread& t) {
     if (o.kind != t.kind || o.mask != t.mask || o.width != t.width)
       fail(b, &t, at_line(t) + " meets lane " + std::to_string(l) + " at " + at_line(o) + " (another op or mask)");
   }
-  const int width = t.kind == Sync::WarpSync || t.kind == Sync::Ballot || t.kind == Sync::Any ||
-                            t.kind == Sync::All ? 32 : t.width;
+  const int width =
+      t.kind == Sync::WarpSync || t.kind == Sync::Ballot || t.kind == Sync::Any || t.kind == Sync::All ? 32 : t.width;
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
     fail(b, &t, at_line(t) + ": width " + std::to_string(width) + " is not a power of 2 in 1..32");
   uint64_t votes = 0;
@@ -192,7 +191,10 @@ bool try_complete_warp(Block& b, Thread& t) {
       default: break;
     }
     switch (o.kind) {
-      case Sync::ShflIdx: case Sync::ShflUp: case Sync::ShflDown: case Sync::ShflXor:
+      case Sync::ShflIdx:
+      case Sync::ShflUp:
+      case Sync::ShflDown:
+      case Sync::ShflXor:
         if (src < 0 || src >= 32 || !((t.mask >> src) & 1u))
           fail(b, &o, at_line(o) + ": reads lane " + std::to_string(src) + ", which is not in the mask");
         o.result = b.threads[warp * 32 + src].value;
@@ -223,15 +225,14 @@ bool try_complete_barrier(Block& b) {
       first = &t;
     } else if (t.kind != first->kind || t.loc.line() != first->loc.line() ||
                std::strcmp(t.loc.file_name(), first->loc.file_name()) != 0) {
-      fail(b, &t, "barrier divergence: waits at " + at_line(t) + " while thread (" + std::to_string(first->tid.x) +
-                      "," + std::to_string(first->tid.y) + "," + std::to_string(first->tid.z) + ") waits at " +
-                      at_line(*first));
+      fail(b, &t,
+           "barrier divergence: waits at " + at_line(t) + " while thread (" + std::to_string(first->tid.x) + "," +
+               std::to_string(first->tid.y) + "," + std::to_string(first->tid.z) + ") waits at " + at_line(*first));
     }
     count += t.value != 0;
   }
   if (!first) return false;
-  if (exited)
-    fail(b, exited, "barrier divergence: exited while other threads wait at " + at_line(*first));
+  if (exited) fail(b, exited, "barrier divergence: exited while other threads wait at " + at_line(*first));
   const int64_t live = static_cast<int64_t>(b.threads.size());
   uint64_t r = 0;
   switch (first->kind) {
@@ -364,8 +365,9 @@ void* static_shared(size_t bytes, size_t align, const void* site) {
     if (s == site) return b.arena.get() + off;
   const size_t off = (b.arena_used + align - 1) / align * align;
   if (off + bytes + b.smem.size() > kSharedLimit)
-    fail(b, b.current, "static (" + std::to_string(off + bytes) + " B) plus dynamic (" +
-                           std::to_string(b.smem.size()) + " B) shared memory exceed 48 KiB");
+    fail(b, b.current,
+         "static (" + std::to_string(off + bytes) + " B) plus dynamic (" + std::to_string(b.smem.size()) +
+             " B) shared memory exceed 48 KiB");
   b.arena_used = off + bytes;
   b.sites.emplace_back(site, off);
   std::memset(b.arena.get() + off, 0xFF, bytes);  // poison: NaN until written
@@ -395,8 +397,10 @@ void run_grid(const LaunchInfo& info, void (*body)(const void*), const void* cbo
   if (cfg.order != Order::Forward) {
     perm.resize(nblocks);
     std::iota(perm.begin(), perm.end(), int64_t{0});
-    if (cfg.order == Order::Reverse) std::reverse(perm.begin(), perm.end());
-    else std::shuffle(perm.begin(), perm.end(), std::mt19937_64(cfg.seed ^ 0xB10C5ull));
+    if (cfg.order == Order::Reverse)
+      std::reverse(perm.begin(), perm.end());
+    else
+      std::shuffle(perm.begin(), perm.end(), std::mt19937_64(cfg.seed ^ 0xB10C5ull));
   }
   ++g_launches;
   g_blocks += nblocks;

@@ -52,13 +52,13 @@ __global__ void early_exit_kernel() {
   __syncthreads();
 }
 
-__global__ void warp_mask_kernel(unsigned mask, float* out) {
-  out[threadIdx.x] = __shfl_xor_sync(mask, 1.f, 1);
-}
+__global__ void warp_mask_kernel(unsigned mask, float* out) { out[threadIdx.x] = __shfl_xor_sync(mask, 1.f, 1); }
 
 __global__ void deadlock_kernel(float* out) {  // lanes 0-15 wait at a shuffle, 16-31 at a barrier
-  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 1);
-  else __syncthreads();
+  if (threadIdx.x < 16)
+    out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 1);
+  else
+    __syncthreads();
 }
 
 __global__ void assert_kernel(const float* x) { CUDA_KERNEL_ASSERT(x[threadIdx.x] >= 0 && "x must be >= 0"); }
@@ -74,8 +74,8 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_) {
   if (name == "block_sum" || name == "block_sum_no_barriers") {
     TORCH_CHECK(x.numel() == kThreads, "block_sum takes ", kThreads, " values");
     auto out = at::empty({1}, x.options());
-    LTK_LAUNCH(1, kThreads, 0, stream, block_sum_kernel)(x.data_ptr<float>(), name == "block_sum",
-                                                         out.data_ptr<float>());
+    LTK_LAUNCH(1, kThreads, 0, stream, block_sum_kernel)
+    (x.data_ptr<float>(), name == "block_sum", out.data_ptr<float>());
     return out;
   }
   if (name.rfind("warp_ops:", 0) == 0) {  // warp_ops:<arg>:<width>
@@ -88,17 +88,28 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_) {
   }
   auto out = at::zeros({64}, x.options());
   float* o = out.data_ptr<float>();
-  if (name == "divergent_barrier") LTK_LAUNCH(1, 32, 0, stream, divergent_barrier_kernel)();
-  else if (name == "early_exit") LTK_LAUNCH(1, 32, 0, stream, early_exit_kernel)();
-  else if (name == "mask_leaves_out_caller") LTK_LAUNCH(1, 32, 0, stream, warp_mask_kernel)(0xfffffffeu, o);
-  else if (name == "mask_names_missing_lane") LTK_LAUNCH(1, 48, 0, stream, warp_mask_kernel)(0xffffffffu, o);
-  else if (name == "deadlock") LTK_LAUNCH(1, 32, 0, stream, deadlock_kernel)(o);
-  else if (name == "assert") LTK_LAUNCH(1, 32, 0, stream, assert_kernel)(x.data_ptr<float>());
-  else if (name == "too_many_threads") LTK_LAUNCH(1, 2048, 0, stream, divergent_barrier_kernel)();
-  else if (name == "zero_grid") LTK_LAUNCH(0, 32, 0, stream, divergent_barrier_kernel)();
-  else if (name == "too_much_shared") LTK_LAUNCH(1, 32, 64 * 1024, stream, dynamic_shared_kernel)(o);
-  else if (name == "dynamic_shared") LTK_LAUNCH(1, 32, 32 * sizeof(float), stream, dynamic_shared_kernel)(o);
-  else TORCH_CHECK(false, "unknown selftest '", name, "'");
+  if (name == "divergent_barrier")
+    LTK_LAUNCH(1, 32, 0, stream, divergent_barrier_kernel)();
+  else if (name == "early_exit")
+    LTK_LAUNCH(1, 32, 0, stream, early_exit_kernel)();
+  else if (name == "mask_leaves_out_caller")
+    LTK_LAUNCH(1, 32, 0, stream, warp_mask_kernel)(0xfffffffeu, o);
+  else if (name == "mask_names_missing_lane")
+    LTK_LAUNCH(1, 48, 0, stream, warp_mask_kernel)(0xffffffffu, o);
+  else if (name == "deadlock")
+    LTK_LAUNCH(1, 32, 0, stream, deadlock_kernel)(o);
+  else if (name == "assert")
+    LTK_LAUNCH(1, 32, 0, stream, assert_kernel)(x.data_ptr<float>());
+  else if (name == "too_many_threads")
+    LTK_LAUNCH(1, 2048, 0, stream, divergent_barrier_kernel)();
+  else if (name == "zero_grid")
+    LTK_LAUNCH(0, 32, 0, stream, divergent_barrier_kernel)();
+  else if (name == "too_much_shared")
+    LTK_LAUNCH(1, 32, 64 * 1024, stream, dynamic_shared_kernel)(o);
+  else if (name == "dynamic_shared")
+    LTK_LAUNCH(1, 32, 32 * sizeof(float), stream, dynamic_shared_kernel)(o);
+  else
+    TORCH_CHECK(false, "unknown selftest '", name, "'");
   return out;
 }
 

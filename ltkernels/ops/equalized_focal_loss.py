@@ -22,7 +22,9 @@ from .._ext import has_op
 from .._validate import (
     ArgumentTypeError,
     ArgumentValueError,
+    acc_dtype,
     background_last,
+    can_read_values,
     check_labels,
     check_tensor,
     dtype_name,
@@ -42,12 +44,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _compiling() -> bool:
-    if torch.jit.is_scripting():
-        return False
-    return torch.compiler.is_compiling()
-
-
 def _default_normalizer(labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """max(positives, 1); in a distributed job max(positives summed over ranks, 1) / world size, as the official
     code computes it (clamp first, then divide: a step with fewer positives than ranks gets 1 / world size, and
@@ -58,10 +54,6 @@ def _default_normalizer(labels: torch.Tensor, ignore_index: int = -1) -> torch.T
         dist.all_reduce(num_pos)
         return num_pos.clamp(min=1.0) / dist.get_world_size()
     return num_pos.clamp(min=1.0)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("ltkernels::equalized_focal_loss_accumulate", mutates_args=("pos_grad", "neg_grad", "pos_neg"))
@@ -97,15 +89,30 @@ def _(labels, ignore_index):
     return labels.new_empty((), dtype=torch.float32)
 
 
+def fake_check_inputs(logits, labels, pos_neg, normalizer, quality=None) -> None:
+    """The kernels' shape checks (csrc/equalized_focal_loss.h), for the fake tensors of EFL and EQFL."""
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.shape}")
+    n, c = logits.size(0), logits.size(1)
+    torch._check(labels.dim() == 1 and labels.size(0) == n, lambda: f"labels must have shape [{n}], got {labels.shape}")
+    torch._check(pos_neg.dim() == 1 and pos_neg.size(0) == c,
+                 lambda: f"pos_neg must have shape [{c}], got {pos_neg.shape}")
+    torch._check(normalizer.numel() == 1, lambda: f"normalizer must hold one value, got {normalizer.shape}")
+    if quality is not None:
+        torch._check(quality.dim() == 1 and quality.size(0) == n,
+                     lambda: f"quality must have shape [{n}], got {quality.shape}")
+
+
 if has_op(_OP):
 
     @torch.library.register_fake("ltkernels::equalized_focal_loss")
     def _(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad=None, neg_grad=None):
-        return logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+        fake_check_inputs(logits, labels, pos_neg, normalizer)
+        return logits.new_empty((), dtype=acc_dtype(logits.dtype))
 
-    @torch.library.register_fake("ltkernels::equalized_focal_loss_backward")
+    @torch.library.register_fake("ltkernels::_equalized_focal_loss_backward")
     def _(grad_loss, logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index):
-        acc = _acc_dtype(logits.dtype)
+        fake_check_inputs(logits, labels, pos_neg, normalizer)
+        acc = acc_dtype(logits.dtype)
         c = logits.shape[1]
         return (torch.empty_like(logits, memory_format=torch.contiguous_format), logits.new_empty((c,), dtype=acc),
                 logits.new_empty((c,), dtype=acc))
@@ -121,7 +128,7 @@ if has_op(_OP):
     def _backward(ctx, grad):
         refuse_double_backward("equalized_focal_loss")
         logits, labels, pos_neg, normalizer = ctx.saved_tensors
-        grad_logits, pos_step, neg_step = torch.ops.ltkernels.equalized_focal_loss_backward(
+        grad_logits, pos_step, neg_step = torch.ops.ltkernels._equalized_focal_loss_backward(
             grad, logits, labels, pos_neg, normalizer, *ctx.params)
         if ctx.buffers is not None:
             _accumulate(*ctx.buffers, pos_step, neg_step)
@@ -177,7 +184,7 @@ def _prepare(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor], normaliz
         raise ArgumentValueError(f"scale must be >= 0, got {scale}")
     if validate is None:
         # the CPU kernel raises on out-of-range labels too, so a compiled graph (no data-dependent check) stays safe
-        validate = logits.device.type == "cpu" and not _compiling()
+        validate = can_read_values(logits)
     if validate:
         check_labels("labels", labels, c, ignore_index)
     elif labels.dtype not in [torch.int64, torch.int32]:

@@ -19,8 +19,15 @@ import torch
 from torch import Tensor
 
 from .._ext import has_op
-from .._validate import ArgumentValueError, check_tensor, floating_dtypes, refuse_double_backward
-from .equalized_focal_loss import EqualizedFocalLoss, _acc_dtype, _accumulate, _compiling, _prepare, check_unit_interval
+from .._validate import (
+    ArgumentValueError,
+    acc_dtype,
+    can_read_values,
+    check_tensor,
+    floating_dtypes,
+    refuse_double_backward,
+)
+from .equalized_focal_loss import EqualizedFocalLoss, _accumulate, _prepare, check_unit_interval, fake_check_inputs
 
 __all__ = ["equalized_quality_focal_loss", "EqualizedQualityFocalLoss"]
 
@@ -31,11 +38,13 @@ if has_op(_OP):
     @torch.library.register_fake("ltkernels::equalized_quality_focal_loss")
     def _(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad=None,
           neg_grad=None):
-        return logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+        fake_check_inputs(logits, labels, pos_neg, normalizer, quality)
+        return logits.new_empty((), dtype=acc_dtype(logits.dtype))
 
-    @torch.library.register_fake("ltkernels::equalized_quality_focal_loss_backward")
+    @torch.library.register_fake("ltkernels::_equalized_quality_focal_loss_backward")
     def _(grad_loss, logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index):
-        acc = _acc_dtype(logits.dtype)
+        fake_check_inputs(logits, labels, pos_neg, normalizer, quality)
+        acc = acc_dtype(logits.dtype)
         c = logits.shape[1]
         return (torch.empty_like(logits, memory_format=torch.contiguous_format), logits.new_empty((c,), dtype=acc),
                 logits.new_empty((c,), dtype=acc))
@@ -50,7 +59,7 @@ if has_op(_OP):
     def _backward(ctx, grad):
         refuse_double_backward(_OP)
         logits, labels, quality, pos_neg, normalizer = ctx.saved_tensors
-        grad_logits, pos_step, neg_step = torch.ops.ltkernels.equalized_quality_focal_loss_backward(
+        grad_logits, pos_step, neg_step = torch.ops.ltkernels._equalized_quality_focal_loss_backward(
             grad, logits, labels, quality, pos_neg, normalizer, *ctx.params)
         if ctx.buffers is not None:
             _accumulate(*ctx.buffers, pos_step, neg_step)
@@ -84,7 +93,7 @@ def equalized_quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor
         raise ArgumentValueError(f"quality must have {logits.shape[0]} entries (one per row of logits), got "
                                  f"{quality.shape[0]}")
     if validate is None:
-        validate = logits.device.type == "cpu" and not _compiling()
+        validate = can_read_values(logits)
     labels, pos_neg, normalizer = _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index,
                                            pos_grad, neg_grad, validate, label_layout)
     if validate:

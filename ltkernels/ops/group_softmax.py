@@ -30,7 +30,9 @@ from .._ext import has_op
 from .._validate import (
     ArgumentTypeError,
     ArgumentValueError,
+    acc_dtype,
     background_last,
+    can_read_values,
     check_labels,
     check_tensor,
     floating_dtypes,
@@ -222,15 +224,6 @@ class BalancedGroups:
 # --------------------------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------------------------
-def _plain_cpu(t: torch.Tensor) -> bool:
-    """A real CPU tensor outside any tracing (compile, export, fake or proxy modes): reading its value is free."""
-    if torch.jit.is_scripting():
-        return t.device.type == "cpu"
-    return (t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
-            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
-
-
 def _check_groups(groups) -> None:
     if not isinstance(groups, BalancedGroups):
         raise ArgumentTypeError(f"groups must be a ltkernels.BalancedGroups, got {type(groups).__name__}")
@@ -252,7 +245,7 @@ def _check_labels(labels: Tensor, logits: Tensor, num_classes: int, ignore_index
     if 0 <= ignore_index <= num_classes:
         raise ArgumentValueError(f"ignore_index must not be a label (0..{num_classes}), got {ignore_index}")
     # No host synchronisation on an accelerator (or while tracing): there the check fails at the next sync.
-    check_labels("labels", labels, num_classes, ignore_index, sync=_plain_cpu(labels))
+    check_labels("labels", labels, num_classes, ignore_index, sync=can_read_values(labels))
 
 
 def _check_ratio(others_ratio: float) -> float:
@@ -386,7 +379,7 @@ def _loss(logits: Tensor, labels: Tensor, tables: Dict[str, Tensor], num_classes
     _check_generator(generator, logits)
     lab, valid, counts, positive = _row_groups(labels, tables, ignore_index)
     selected, scale = _select(valid, counts, positive, ratio, generator)
-    scale = scale.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    scale = scale.to(acc_dtype(logits.dtype))
     loss, _ = torch.ops.ltkernels.group_softmax_loss(logits, lab, selected, scale, tables["label_targets"],
                                                      tables["group_offsets"])
     return loss
@@ -466,6 +459,16 @@ def group_softmax_scores(logits: Tensor, groups: GroupTables, label_layout: str 
 if has_op("group_softmax_loss"):
     @torch.library.register_fake("ltkernels::group_softmax_loss")
     def _loss_fake(logits, labels, selected, scale, label_targets, group_offsets):
+        # the kernels' shape checks (csrc/group_softmax.h)
+        torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.shape}")
+        torch._check(group_offsets.dim() == 1, lambda: f"group_offsets must be 1-D, got {group_offsets.shape}")
+        n, g1 = logits.size(0), group_offsets.size(0) - 1
+        torch._check(labels.dim() == 1 and labels.size(0) == n, lambda: f"labels must have shape [{n}]")
+        torch._check(selected.dim() == 2 and selected.size(0) == g1 and selected.size(1) == n,
+                     lambda: f"selected must have shape [G + 1, N] = [{g1}, {n}], got {selected.shape}")
+        torch._check(scale.dim() == 1 and scale.size(0) == g1, lambda: f"scale must have shape [{g1}]")
+        torch._check(label_targets.dim() == 2 and label_targets.size(1) == g1,
+                     lambda: f"label_targets must have shape [C + 1, {g1}], got {label_targets.shape}")
         return logits.new_empty(()), torch.empty_like(logits)
 
     def _loss_setup(ctx, inputs, output):
@@ -481,7 +484,7 @@ if has_op("group_softmax_loss"):
         # The gradient was computed in forward with d(loss) = 1. On CPU, reading grad_loss costs no device sync:
         # when it is 1 (a loss back-propagated alone or summed with others) hand the saved gradient over as it is
         # (autograd releases its saved copy first unless retain_graph, so nothing can alias it) and skip a pass.
-        if _plain_cpu(grad) and _plain_cpu(grad_loss) and bool(grad_loss == 1):
+        if can_read_values(grad) and can_read_values(grad_loss) and bool(grad_loss == 1):
             return grad, None, None, None, None, None
         return grad * grad_loss, None, None, None, None, None
 
@@ -491,6 +494,11 @@ if has_op("group_softmax_loss"):
 if has_op("group_softmax_scores"):
     @torch.library.register_fake("ltkernels::group_softmax_scores")
     def _scores_fake(logits, group_offsets, label_group, score_column):
+        torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.shape}")
+        torch._check(group_offsets.dim() == 1, lambda: f"group_offsets must be 1-D, got {group_offsets.shape}")
+        torch._check(score_column.dim() == 1 and label_group.dim() == 1
+                     and label_group.size(0) == score_column.size(0),
+                     lambda: "label_group and score_column must both have shape [C + 1]")
         return logits.new_empty((logits.shape[0], score_column.shape[0]))
 
     def _scores_setup(ctx, inputs, output):
@@ -517,7 +525,7 @@ def _scores_grad(grad_out, scores, group_offsets, label_group, score_column, K):
     """
     N = scores.shape[0]
     G1 = group_offsets.shape[0] - 1
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(scores.dtype)
     s = scores.to(acc)
     go = grad_out.to(acc)
     q = 1 - s[:, :1]                                                      # P(fg)  [N, 1]

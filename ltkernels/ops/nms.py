@@ -21,6 +21,7 @@ from .._validate import (
     ArgumentTypeError,
     ArgumentValueError,
     background_last,
+    can_read_values,
     check_tensor,
     dtype_name,
     floating_dtypes,
@@ -36,12 +37,6 @@ MAX_IMAGES_PER_CALL = 1 << 24
 
 def _int_dtypes() -> List[torch.dtype]:
     return [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
-
-
-def _compiling() -> bool:
-    if torch.jit.is_scripting():
-        return False
-    return torch.compiler.is_compiling()
 
 
 def _eager_number(name: str, value):
@@ -103,7 +98,7 @@ def _category_ids(idxs: Tensor) -> Tensor:
     if idxs.dtype == torch.bool:
         return idxs.long()
     if idxs.dtype in floating_dtypes():
-        if not _compiling() and bool(torch.isnan(idxs).any()):
+        if can_read_values(idxs, sync=True) and bool(torch.isnan(idxs).any()):
             raise ArgumentValueError("idxs contains NaN: every box needs a category")
         return torch.unique(idxs, return_inverse=True)[1]
     raise ArgumentTypeError(f"idxs must be an integer, bool or floating tensor, got {dtype_name(idxs.dtype)}")
@@ -223,7 +218,7 @@ def _batch_rows(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[T
                                      f"got shape {list(image_index.shape)}")
         image_index = image_index.long()
         n_images = _check_num_images(num_images, image_index)
-        if not _compiling() and image_index.numel() > 0 and (
+        if can_read_values(image_index, sync=True) and image_index.numel() > 0 and (
                 bool((image_index < 0).any()) or int(image_index.max()) >= n_images):
             raise ArgumentValueError(f"image_index must lie in [0, num_images={n_images})")
         return boxes, scores, image_index, n_images, None
@@ -324,21 +319,41 @@ def batched_multiclass_nms(boxes: Union[Tensor, List[Tensor]], scores: Union[Ten
 
 # ---- torch.compile / autograd registrations --------------------------------------------------------------------
 
+def _fake_check_boxes_scores(boxes, scores) -> None:
+    """The kernels' shape checks (csrc/nms.h), for fake tensors."""
+    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: f"boxes must have shape [N, 4], got {boxes.shape}")
+    torch._check(scores.dim() == 1 and scores.size(0) == boxes.size(0),
+                 lambda: f"scores must have shape [{boxes.size(0)}], got {scores.shape}")
+    torch._check(boxes.dtype == scores.dtype, lambda: "boxes and scores must have the same dtype")
+
+
 if has_op("nms"):
     @torch.library.register_fake("ltkernels::nms")
     def _nms_fake(boxes, scores, iou_threshold):
+        _fake_check_boxes_scores(boxes, scores)
         k = torch.library.get_ctx().new_dynamic_size()
         return boxes.new_empty((k,), dtype=torch.int64)
 
 if has_op("batched_nms"):
     @torch.library.register_fake("ltkernels::batched_nms")
     def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
+        _fake_check_boxes_scores(boxes, scores)
+        torch._check(idxs.dim() == 1 and idxs.size(0) == boxes.size(0),
+                     lambda: f"idxs must have shape [{boxes.size(0)}], got {idxs.shape}")
         k = torch.library.get_ctx().new_dynamic_size()
         return boxes.new_empty((k,), dtype=torch.int64)
 
 if has_op("multiclass_nms"):
     @torch.library.register_fake("ltkernels::multiclass_nms")
     def _multiclass_nms_fake(boxes, scores, image_index, num_images, score_threshold, iou_threshold, max_per_image):
+        torch._check(scores.dim() == 2, lambda: f"scores must be 2-D [N, C], got {scores.shape}")
+        n, c = scores.size(0), scores.size(1)
+        torch._check((boxes.dim() == 2 and boxes.size(0) == n and boxes.size(1) == 4)
+                     or (boxes.dim() == 3 and boxes.size(0) == n and boxes.size(1) == c and boxes.size(2) == 4),
+                     lambda: f"boxes must have shape [N, 4] or [N, C, 4] for scores {scores.shape}, got {boxes.shape}")
+        torch._check(image_index.dim() == 1 and image_index.size(0) == n,
+                     lambda: f"image_index must have shape [{n}], got {image_index.shape}")
+        torch._check(image_index.dtype == torch.int64, lambda: "image_index must be int64")
         k = torch.library.get_ctx().new_dynamic_size()
         return (boxes.new_empty((k, 4)), scores.new_empty((k,)), scores.new_empty((k,), dtype=torch.int64),
                 scores.new_empty((k,), dtype=torch.int64), scores.new_empty((k,), dtype=torch.int64))

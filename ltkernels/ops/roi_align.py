@@ -18,8 +18,10 @@ from .._validate import (
     ArgumentTypeError,
     ArgumentValueError,
     BoxesShapeError,
+    acc_dtype,
     check_tensor,
     floating_dtypes,
+    tracing,
 )
 
 __all__ = ["roi_align", "RoIAlign", "MAX_ADAPTIVE_SAMPLES"]
@@ -89,7 +91,7 @@ def _boxes_to_rois(boxes: Union[Tensor, List[Tensor]], input: Tensor) -> Tensor:
         if not isinstance(boxes, (list, tuple)):
             raise ArgumentTypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got "
                                     f"{type(boxes).__name__}")
-        if len(boxes) > input.shape[0] and not torch.compiler.is_compiling():
+        if len(boxes) > input.shape[0] and not tracing():
             raise ArgumentValueError(f"boxes is a list of {len(boxes)} tensors but input holds only "
                                      f"{input.shape[0]} images")
     elif len(boxes) > input.shape[0]:
@@ -107,21 +109,13 @@ def _boxes_to_rois(boxes: Union[Tensor, List[Tensor]], input: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _checks_queued() -> bool:
-    """While compiling or tracing, value checks are queued on the device (torch._assert_async) instead of raising
-    now: the rule is the same, only the moment and the message's detail differ."""
-    if torch.jit.is_scripting():
-        return False
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
 def _check_rois_values(rois: Tensor, batch_size: int, spatial_scale: float, pooled_height: int, pooled_width: int,
                        sampling_ratio: int, aligned: bool, ordered: bool = False) -> None:
     """One fused check of every RoI (one device sync on CUDA): finite coordinates, an integer batch index in
     [0, batch_size), an adaptive grid within MAX_ADAPTIVE_SAMPLES, and with `ordered` x1 <= x2 and y1 <= y2."""
     if rois.numel() == 0:
         return
-    acc = torch.float64 if rois.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(rois.dtype)
     r = rois.to(acc)
     idx = r[:, 0]
     finite = torch.isfinite(r).all(dim=1)
@@ -142,7 +136,7 @@ def _check_rois_values(rois: Tensor, batch_size: int, spatial_scale: float, pool
         gw = gh
         bad_grid = torch.zeros_like(finite)
     bad = ~finite | bad_index | bad_order | bad_grid
-    if _checks_queued():
+    if tracing():
         torch._assert_async(~bad.any(), f"roi_align: boxes must be finite, with an integer batch index in [0, "
                                         f"{batch_size}), and an adaptive sampling grid of at most "
                                         f"{_max_adaptive_samples()} samples per bin")

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import acc_dtype
+
 __all__ = ["nms_reference", "batched_nms_reference", "multiclass_candidates", "torchvision_multiclass_nms",
            "torchvision_offset_multiclass_nms", "multiclass_nms_reference"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
@@ -28,7 +26,7 @@ def nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: floa
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    b = boxes.to(dtype or _compute_dtype(boxes.dtype))
+    b = boxes.to(dtype or acc_dtype(boxes.dtype))
     x1, y1, x2, y2 = b.unbind(1)
     area = (x2 - x1) * (y2 - y1)
     order = torch.sort(scores.double(), descending=True, stable=True)[1]
