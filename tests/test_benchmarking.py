@@ -218,6 +218,34 @@ def test_budget_run_survives_a_broken_bench_file(tmp_path, monkeypatch, capsys):
     assert "Not measured" in path.with_suffix(".md").read_text()
 
 
+_PID_BENCH = """
+import os
+import pytest
+
+
+@pytest.mark.parametrize("impl", ["ltkernels", "peer"])
+def test_pid(run_bench, device, impl):
+    run_bench(lambda: None, op="pid", impl=impl, size=str(os.getpid()), dtype="float32", device=device, pass_="fwd",
+              bytes_moved=1)
+"""
+
+
+@pytest.mark.skipif(not bm.repo_root(), reason="needs the source checkout's bench/ folder")
+@pytest.mark.parametrize("isolation,processes", [("benchmark", 2), ("none", 1)])
+def test_isolation_runs_each_benchmark_in_a_process_of_its_own(tmp_path, monkeypatch, isolation, processes):
+    """By default every benchmark gets a fresh process: its figure cannot depend on what ran before it."""
+    pytest.importorskip("pytest_benchmark")
+    fake = _bench_checkout(tmp_path, bm.repo_root(), ("test_bench_pid.py", _PID_BENCH))
+    monkeypatch.setattr(cli, "repo_root", lambda: fake)
+    out = tmp_path / "out"
+    assert bm.main(["-k", "pid", "--device", "cpu", "--isolation", isolation, "--out", str(out), "--no-chart",
+                    "--benchmark-max-time=0.01", "--benchmark-min-rounds=1", "--benchmark-warmup=off"]) == 0
+    (path,) = out.glob("*.json")
+    pids = {b["extra_info"]["size"] for b in json.loads(path.read_text())["benchmarks"]
+            if b["extra_info"]["op"] == "pid"}
+    assert len(pids) == processes
+
+
 def test_cuda_event_times_control_flow(monkeypatch):
     """The CUDA-event timer's logic with torch.cuda stood in for (no GPU here): warm-up calls, one flush write
     before each repetition, an event pair around each call, one synchronise after all of them."""

@@ -82,8 +82,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="run each bench file in its own pytest process within this total time, so a slow or "
                         "failing file still leaves the others' figures (used by tools/gpu_validate.sh)")
+    p.add_argument("--isolation", choices=["benchmark", "file", "none"], default=None,
+                   help="run each benchmark (the default of full runs) or each bench file (the default of --quick "
+                        "and --budget runs) in a pytest process of its own, so that no figure depends on what "
+                        "ran before it in the same process; none: one process for everything")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     return p
+
+
+def _collect(files, args, env, cwd) -> list[str]:
+    """The node ids of the benchmarks `pytest files args` would run (no benchmark runs)."""
+    cmd = [sys.executable, "-m", "pytest", *map(str, files), "-p", "no:cacheprovider", "-q", "--collect-only",
+           *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+
+
+def _runs(isolation: str, files, tmp: Path, extra, env, cwd) -> list:
+    """(targets, json path) of each pytest process: one per benchmark, per file or for everything."""
+    if isolation == "none":
+        return [(files, tmp / "all.json")]
+    if isolation == "file":
+        return [([f], tmp / f"{f.stem}.json") for f in files]
+    runs = []
+    for f in files:  # a file that cannot be collected still runs on its own, and its failure is reported
+        nodes = _collect([f], extra, env, cwd) or [str(f)]
+        runs += [([node], tmp / f"{len(runs) + i:03d}.json") for i, node in enumerate(nodes)]
+    return runs
 
 
 def _readme_main(argv: list[str]) -> int:
@@ -159,15 +184,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         benchmarks = []
         with tempfile.TemporaryDirectory(prefix="ltk-bench-") as tmp:
-            # One pytest run (a bench file that fails to import must not stop the others), or one per file when
-            # a time budget must leave the finished files' figures even if a later one is stopped.
-            runs = [(files, Path(tmp) / "all.json")] if args.budget is None else \
-                [([f], Path(tmp) / f"{f.stem}.json") for f in files]
-            if args.budget is None:
+            # One pytest process per benchmark by default (a figure must not depend on what ran before it: the
+            # allocator's cached memory, the thread pool's state), per file for --quick and --budget (a budget
+            # must leave the finished files' figures even if a later one is stopped), or one for everything.
+            isolation = args.isolation or ("file" if args.quick or args.budget is not None else "benchmark")
+            runs = _runs(isolation, files, Path(tmp), extra, env, root)
+            if isolation == "none":
                 extra = ["--continue-on-collection-errors", *extra]
             deadline = None if args.budget is None else time.monotonic() + args.budget
             for i, (targets, json_path) in enumerate(runs):
-                label = ", ".join(t.name for t in targets)
+                label = ", ".join(t if isinstance(t, str) else t.name for t in targets)
                 timeout = None
                 if deadline is not None:
                     left = deadline - time.monotonic()
