@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
 #include "fast_math.h"
@@ -277,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
   const double g0 = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
   auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
+  ltk::cpu::advise_huge_pages(grad);
   auto pos = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
   auto neg = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
   LTK_DISPATCH_FLOATING(x.scalar_type(), "_equalized_focal_loss_backward_cpu", [&] {

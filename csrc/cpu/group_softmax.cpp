@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "fast_math.h"
 #include "group_softmax.h"
 
@@ -151,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cpu(const at::Tensor& logi
                                                           const at::Tensor& group_offsets_) {
   LTK_CHECK_DEVICES(at::kCPU, logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
   const ltk::group_softmax::LossArgs a(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
+  ltk::cpu::advise_huge_pages(a.grad);
   check_offsets(a.group_offsets, a.K);
   const int64_t N = a.N, K = a.K, G1 = a.G1;
   if (N == 0) return a.loss_result();
@@ -194,6 +196,7 @@ at::Tensor group_softmax_scores_cpu(const at::Tensor& logits_, const at::Tensor&
     TORCH_CHECK(sc[c] >= 0 && sc[c] < K, "score_column[", c, "] = ", sc[c], " is not a column of the logits");
   const auto logits = logits_.contiguous();
   auto out = at::empty({N, C1}, logits.options());
+  ltk::cpu::advise_huge_pages(out);
   if (N == 0) return out;
   const int64_t* off = group_offsets.data_ptr<int64_t>();
   LTK_DISPATCH_FLOATING(logits.scalar_type(), "group_softmax_scores_cpu", [&] {

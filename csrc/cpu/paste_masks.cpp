@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "paste_masks.h"
 #include "paste_masks_math.h"
 
@@ -78,6 +79,7 @@ at::Tensor paste_masks_cpu(const at::Tensor& masks, const at::Tensor& boxes, int
   ltk::paste_masks::check_inputs(masks, boxes);
   ltk::paste_masks::check_size(height, width);
   at::Tensor out = at::empty({masks.size(0), height, width}, masks.options().dtype(at::kBool));
+  ltk::cpu::advise_huge_pages(out);
   paste_masks_into_cpu(masks, boxes, threshold, out);
   return out;
 }

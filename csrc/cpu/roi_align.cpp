@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "roi_align.h"
 #include "roi_align_math.h"
 
@@ -192,6 +193,7 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   const Dims d{rois.size(0),  input.size(0), input.size(1),  input.size(2), input.size(3),
                pooled_height, pooled_width,  sampling_ratio, aligned};
   at::Tensor out = at::empty({d.K, d.C, d.PH, d.PW}, input.options());
+  ltk::cpu::advise_huge_pages(out);
   if (out.numel() == 0) return out;
   if (d.H == 0 || d.W == 0) return out.zero_();
 
