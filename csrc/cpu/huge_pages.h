@@ -2,9 +2,10 @@
 // busy VM that can cost more than the kernel itself (the 320 MB bool output of pasting 300 masks at 800 x 1333:
 // ~130 ms of page faults in 4 KiB pages, ~40 ms in 2 MiB pages, 21 ms to write the same bytes again). Asking for huge
 // pages before that first write (madvise MADV_HUGEPAGE, what PyTorch itself does for every allocation under
-// THP_MEM_ALLOC_ENABLE=1) faults 512x fewer pages. Outputs above 32 MiB, glibc's largest mmap threshold, have a
-// mapping of their own, so the advice never reaches other allocations. It is advice only: where THP is off, or
-// outside Linux, nothing changes.
+// THP_MEM_ALLOC_ENABLE=1) faults 512x fewer pages. Outputs above 32 MiB, glibc's largest mmap threshold, usually
+// get a mapping of their own; where the allocator reuses a free range of its heap instead, the advice covers that
+// range only, and its pages already faulted in stay as they are. It is advice only: where THP is off, or outside
+// Linux, nothing changes.
 #pragma once
 
 #include <ATen/ATen.h>
