@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltkernels.models.evaluation.lvis_eval import BACKENDS
 from ltkernels.testing import cuda_emulation as emulation
 from ltkernels.testing.checkout_guard import forbid_sibling_reads
 
@@ -94,6 +95,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         elif "cuda" in item.keywords and "gpu" not in item.keywords and not EMULATION:
             item.add_marker(no_emulation)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each hand-built evaluation case runs on both evaluators with the same expected numbers."""
+    if request.param == "faster-coco-eval":
+        pytest.importorskip("faster_coco_eval")
+    return request.param
 
 
 @pytest.fixture(autouse=True)

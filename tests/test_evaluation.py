@@ -55,14 +55,6 @@ def _dets(items):
     return out
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    """Each hand-built case runs on both evaluators with the same expected numbers."""
-    if request.param == "faster-coco-eval":
-        pytest.importorskip("faster_coco_eval")
-    return request.param
-
-
 # faster-coco-eval divides by tp + fp where lvis-api divides by tp + fp + eps: per-class APs differ by ~1e-16
 AGREE_ABS = 1e-12
 

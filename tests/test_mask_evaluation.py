@@ -12,7 +12,6 @@ from pycocotools import mask as mask_api  # noqa: E402
 
 from ltkernels.models.data.masks import masks_to_rle  # noqa: E402
 from ltkernels.models.evaluation.lvis_eval import (  # noqa: E402
-    BACKENDS,
     MASK_PREFIX,
     METRIC_KEYS,
     detections_to_results,
@@ -71,13 +70,6 @@ def _dets(anns, perturb=None):
                     "labels": torch.tensor([a["category_id"] for _, a in rows]),
                     "segmentations": masks_to_rle(torch.from_numpy(np.stack(masks)))})
     return out
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "faster-coco-eval":
-        pytest.importorskip("faster_coco_eval")
-    return request.param
 
 
 def test_ground_truth_masks_give_mask_ap_one(tmp_path, backend):
