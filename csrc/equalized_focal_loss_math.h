@@ -7,22 +7,9 @@
 //   dterm / dz = aw * (1 - p_t)^gamma * (gamma * p_t * log p_t + p_t - 1)  (<= 0),  dz/dx = 2t - 1.
 #pragma once
 
-#include <math.h>
-
-#if defined(__CUDACC__)
-#define LTK_EFL_HD __host__ __device__ __forceinline__
-#else
-#define LTK_EFL_HD inline
-#endif
+#include "scalar_math.h"
 
 namespace ltk::equalized_focal_loss {
-
-LTK_EFL_HD float ex(float v) { return ::expf(v); }
-LTK_EFL_HD double ex(double v) { return ::exp(v); }
-LTK_EFL_HD float lg1p(float v) { return ::log1pf(v); }
-LTK_EFL_HD double lg1p(double v) { return ::log1p(v); }
-LTK_EFL_HD float lg(float v) { return ::logf(v); }
-LTK_EFL_HD double lg(double v) { return ::log(v); }
 
 // What both need of z: e = exp(-|z|), -log p_t and -log(1 - p_t).
 template <typename acc>
@@ -31,21 +18,21 @@ struct NegLogs {
 };
 
 template <typename acc>
-LTK_EFL_HD NegLogs<acc> neg_logs(acc z) {
+LTK_HD NegLogs<acc> neg_logs(acc z) {
   const acc e = ex(z < acc(0) ? z : -z);  // exp(-|z|)
   const acc l1 = lg1p(e);
   return {e, (z < acc(0) ? -z : acc(0)) + l1, (z > acc(0) ? z : acc(0)) + l1};
 }
 
 template <typename acc>
-LTK_EFL_HD acc loss_term(acc z, acc gamma, acc aw) {
+LTK_HD acc loss_term(acc z, acc gamma, acc aw) {
   const NegLogs<acc> l = neg_logs(z);
   return aw * ex(-gamma * l.nlog_qt) * l.nlog_pt;
 }
 
 // dterm/dz (times nothing: the caller applies dz/dx, the upstream gradient and 1/normalizer).
 template <typename acc>
-LTK_EFL_HD acc grad_z(acc z, acc gamma, acc aw) {
+LTK_HD acc grad_z(acc z, acc gamma, acc aw) {
   const NegLogs<acc> l = neg_logs(z);
   const acc r = acc(1) / (acc(1) + l.e);
   const acc pt = z >= acc(0) ? r : l.e * r;  // p_t
@@ -63,7 +50,7 @@ struct QualityParts {
 };
 
 template <typename acc>
-LTK_EFL_HD QualityParts<acc> quality_parts(acc x, acc y) {
+LTK_HD QualityParts<acc> quality_parts(acc x, acc y) {
   const NegLogs<acc> l = neg_logs(x);  // z = x: nlog_pt = -log p, nlog_qt = -log(1 - p)
   const acc r = acc(1) / (acc(1) + l.e);
   const acc p = x >= acc(0) ? r : l.e * r;
@@ -75,19 +62,19 @@ LTK_EFL_HD QualityParts<acc> quality_parts(acc x, acc y) {
 
 // |d|^gamma with 0^0 = 1
 template <typename acc>
-LTK_EFL_HD acc pow_abs(acc ad, acc gamma) {
+LTK_HD acc pow_abs(acc ad, acc gamma) {
   return gamma == acc(0) ? acc(1) : (ad == acc(0) ? acc(0) : ex(gamma * lg(ad)));
 }
 
 template <typename acc>
-LTK_EFL_HD acc quality_loss_term(acc x, acc y, acc gamma, acc aw) {
+LTK_HD acc quality_loss_term(acc x, acc y, acc gamma, acc aw) {
   const QualityParts<acc> t = quality_parts(x, y);
   return aw * pow_abs(t.ad, gamma) * t.bce;
 }
 
 // dterm/dx (the caller applies the upstream gradient and 1/normalizer).
 template <typename acc>
-LTK_EFL_HD acc quality_grad_x(acc x, acc y, acc gamma, acc aw) {
+LTK_HD acc quality_grad_x(acc x, acc y, acc gamma, acc aw) {
   const QualityParts<acc> t = quality_parts(x, y);
   if (t.d == acc(0)) return acc(0);
   const acc m = pow_abs(t.ad, gamma);

@@ -49,4 +49,18 @@ LTK_ALWAYS_INLINE float exp_nonpos(float x) {
   return (y * bits_as<float>((n1 + 127) << 23)) * bits_as<float>((n2 + 127) << 23);
 }
 
+// log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], no cancellation.
+LTK_ALWAYS_INLINE float log1p_unit(float e) {
+  const float s = e / (2.0f + e);
+  const float s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
 }  // namespace ltk

@@ -34,23 +34,9 @@ using ltk::equalized_focal_loss::quality_loss_term;
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], no cancellation.
-LTK_ALWAYS_INLINE float fast_log1p_unit(float e) {
-  const float s = e / (2.0f + e);
-  const float s2 = s * s;
-  float p = 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
-}
-
 LTK_ALWAYS_INLINE float fast_loss_term(float z, float gamma, float aw) {
   const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
-  const float l1 = fast_log1p_unit(e);
+  const float l1 = ltk::log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
   const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
   return aw * ltk::exp_nonpos(-gamma * nlog_qt) * nlog_pt;
@@ -58,7 +44,7 @@ LTK_ALWAYS_INLINE float fast_loss_term(float z, float gamma, float aw) {
 
 LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
   const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
-  const float l1 = fast_log1p_unit(e);
+  const float l1 = ltk::log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
   const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
   const float r = 1.0f / (1.0f + e);

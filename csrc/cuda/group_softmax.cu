@@ -16,70 +16,12 @@
 
 #include "common.h"
 #include "cuda/launch.h"
+#include "cuda/online_softmax.h"
 #include "group_softmax.h"
 
 namespace {
 
 constexpr int kThreads = 128;  // multiple of 32; the block reductions below assume it
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
-template <typename T>
-struct MaxSum {
-  T m;  // running max
-  T s;  // sum of exp(x - m)
-};
-
-template <typename T>
-__device__ __forceinline__ MaxSum<T> merge(MaxSum<T> a, MaxSum<T> b) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  // A side with max -inf holds no finite terms: its sum is 0, or NaN after a NaN logit (kept, as on the CPU).
-  if (a.m == ninf) return {b.m, b.s + a.s};
-  if (b.m == ninf) return {a.m, a.s + b.s};
-  const T m = a.m > b.m ? a.m : b.m;
-  return {m, a.s * exp_acc(a.m - m) + b.s * exp_acc(b.m - m)};
-}
-
-template <typename T>
-__device__ __forceinline__ MaxSum<T> push(MaxSum<T> v, T x) {
-  // As on the CPU: a -inf logit adds exp(-inf) = 0 (never exp(-inf - -inf) = NaN while v.m is still -inf); a NaN
-  // logit makes the sum NaN; a +inf logit adds exp(inf - inf) = NaN (x - x below: 0 for finite x, NaN for inf).
-  if (x > v.m) {
-    v.s = v.s * exp_acc(v.m - x) + (T(1) + (x - x));  // v.m == -inf: exp(-inf) = 0
-    v.m = x;
-  } else if (!(x == -std::numeric_limits<T>::infinity())) {
-    v.s += exp_acc(x - v.m);
-  }
-  return v;
-}
-
-// Block-wide merge of every thread's pair; every thread gets the result. `shared` holds >= 32 pairs.
-template <typename T>
-__device__ __forceinline__ MaxSum<T> block_merge(MaxSum<T> v, MaxSum<T>* shared) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    MaxSum<T> other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
-    v = merge(v, other);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  __syncthreads();  // the previous call's readers are done with shared[]
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? shared[lane] : MaxSum<T>{-std::numeric_limits<T>::infinity(), T(0)};
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      MaxSum<T> other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
-      v = merge(v, other);
-    }
-    if (lane == 0) shared[32] = v;
-  }
-  __syncthreads();
-  return shared[32];
-}
 
 template <typename scalar_t, typename acc>
 __global__ void __launch_bounds__(kThreads)
@@ -87,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
                               const bool* __restrict__ selected, const acc* __restrict__ scale,
                               const int64_t* __restrict__ label_targets, const int64_t* __restrict__ offsets, int64_t N,
                               int64_t K, int G1, int64_t C1, scalar_t* __restrict__ grad, acc* __restrict__ row_loss) {
-  LTK_SHARED(MaxSum<acc>, shared, 33);
+  LTK_SHARED(ltk::cuda::MaxSum<acc>, shared, 33);
   const int64_t i = blockIdx.x;
   CUDA_KERNEL_ASSERT(labels[i] >= 0 && labels[i] < C1 && "labels must lie in 0..C (ignored rows mapped to 0)");
   const scalar_t* xi = x + i * K;
@@ -101,17 +43,17 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) gi[j] = static_cast<scalar_t>(0);
       continue;
     }
-    MaxSum<acc> v{-std::numeric_limits<acc>::infinity(), acc(0)};
-    for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) v = push(v, static_cast<acc>(xi[j]));
-    v = block_merge(v, shared);
+    ltk::cuda::MaxSum<acc> v{-std::numeric_limits<acc>::infinity(), acc(0)};
+    for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) v = ltk::cuda::push(v, static_cast<acc>(xi[j]));
+    v = ltk::cuda::block_merge(v, shared);
     const acc scale = wk / v.s;
     const int64_t t = s + tgt[k];
     for (int64_t j = s + threadIdx.x; j < e; j += blockDim.x) {
-      acc p = exp_acc(static_cast<acc>(xi[j]) - v.m) * scale;
+      acc p = ltk::ex(static_cast<acc>(xi[j]) - v.m) * scale;
       if (j == t) p -= wk;
       gi[j] = static_cast<scalar_t>(p);
     }
-    if (threadIdx.x == 0) loss += wk * (v.m + log_acc(v.s) - static_cast<acc>(xi[t]));
+    if (threadIdx.x == 0) loss += wk * (v.m + ltk::lg(v.s) - static_cast<acc>(xi[t]));
   }
   if (threadIdx.x == 0) row_loss[i] = loss;
 }
@@ -121,23 +63,23 @@ __global__ void __launch_bounds__(kThreads)
     group_softmax_scores_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ offsets,
                                 const int64_t* __restrict__ label_group, const int64_t* __restrict__ score_column,
                                 int64_t K, int G1, int64_t C1, scalar_t* __restrict__ out) {
-  LTK_SHARED(MaxSum<acc>, shared, 33);
+  LTK_SHARED(ltk::cuda::MaxSum<acc>, shared, 33);
   LTK_DYNAMIC_SHARED(unsigned char, lse_raw);
   acc* lse = reinterpret_cast<acc*>(lse_raw);  // [G1]
   const int64_t i = blockIdx.x;
   const scalar_t* xi = x + i * K;
   for (int k = 0; k < G1; ++k) {
-    MaxSum<acc> v{-std::numeric_limits<acc>::infinity(), acc(0)};
+    ltk::cuda::MaxSum<acc> v{-std::numeric_limits<acc>::infinity(), acc(0)};
     for (int64_t j = offsets[k] + threadIdx.x; j < offsets[k + 1]; j += blockDim.x)
-      v = push(v, static_cast<acc>(xi[j]));
-    v = block_merge(v, shared);
-    if (threadIdx.x == 0) lse[k] = v.m + log_acc(v.s);
+      v = ltk::cuda::push(v, static_cast<acc>(xi[j]));
+    v = ltk::cuda::block_merge(v, shared);
+    if (threadIdx.x == 0) lse[k] = v.m + ltk::lg(v.s);
   }
   __syncthreads();
-  const acc fg = exp_acc(static_cast<acc>(xi[1]) - lse[0]);
+  const acc fg = ltk::ex(static_cast<acc>(xi[1]) - lse[0]);
   scalar_t* oi = out + i * C1;
   for (int64_t c = threadIdx.x; c < C1; c += blockDim.x) {
-    const acc p = exp_acc(static_cast<acc>(xi[score_column[c]]) - lse[label_group[c]]);
+    const acc p = ltk::ex(static_cast<acc>(xi[score_column[c]]) - lse[label_group[c]]);
     oi[c] = static_cast<scalar_t>(c == 0 ? p : p * fg);
   }
 }

@@ -32,16 +32,11 @@ from .._validate import (
     refuse_double_backward,
     to_background_first,
 )
+from .loss_common import accumulate_statistics, as_normalizer, distributed
 
 __all__ = ["equalized_focal_loss", "EqualizedFocalLoss"]
 
 _OP = "equalized_focal_loss"
-
-
-def _distributed() -> bool:
-    if torch.jit.is_scripting():  # the scripted default normalizer reaches torch.distributed through an op
-        return False
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _default_normalizer(labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
@@ -50,7 +45,7 @@ def _default_normalizer(labels: torch.Tensor, ignore_index: int = -1) -> torch.T
     the gradients that DDP averages over ranks then sum to those of one process on the whole batch). On the
     device. Rows labelled `ignore_index` are not positives, whatever its value."""
     num_pos = ((labels > 0) & (labels != ignore_index)).sum().to(torch.float32)
-    if _distributed():
+    if distributed():
         dist.all_reduce(num_pos)
         return num_pos.clamp(min=1.0) / dist.get_world_size()
     return num_pos.clamp(min=1.0)
@@ -61,16 +56,7 @@ def _accumulate(pos_grad: torch.Tensor, neg_grad: torch.Tensor, pos_neg: torch.T
                 neg_step: torch.Tensor) -> None:
     """Adds one backward's statistics (summed over ranks in a distributed job) to the buffers; refreshes pos_neg.
     A step whose statistics are not all finite (NaN/inf logits) is dropped, decided on the device."""
-    dtype = torch.promote_types(pos_grad.dtype, pos_step.dtype)
-    step = torch.stack([pos_step, neg_step]).to(dtype)
-    if _distributed():
-        dist.all_reduce(step)
-    ok = torch.isfinite(step).all()
-    step = torch.where(ok, step, torch.zeros_like(step))
-    pos_grad.add_(step[0].to(pos_grad.dtype))
-    neg_grad.add_(step[1].to(neg_grad.dtype))
-    ratio = torch.clamp(pos_grad / (neg_grad + 1e-10), min=0, max=1).to(pos_neg.dtype)
-    pos_neg.copy_(torch.where(ok, ratio, pos_neg))
+    accumulate_statistics(pos_grad, neg_grad, pos_neg, pos_step, neg_step, True)
 
 
 @_accumulate.register_fake
@@ -207,18 +193,7 @@ def _prepare(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor], normaliz
         if torch.jit.is_scripting():
             return labels, pos_neg, torch.ops.ltkernels.equalized_focal_loss_default_normalizer(labels, ignore_index)
         return labels, pos_neg, _default_normalizer(labels, ignore_index)
-    if not isinstance(normalizer, torch.Tensor):
-        value = float(normalizer)
-        if not value > 0:  # NaN too
-            raise ArgumentValueError(f"normalizer must be > 0, got {value}")
-        return labels, pos_neg, torch.tensor(value, dtype=torch.float32, device=logits.device)
-    if normalizer.numel() != 1:
-        raise ArgumentValueError(f"normalizer must be a number or a one-element tensor, got shape "
-                                 f"{list(normalizer.shape)}")
-    normalizer = normalizer.detach().reshape([]).to(device=logits.device, dtype=torch.float32)
-    if validate and not bool(normalizer > 0):
-        raise ArgumentValueError(f"normalizer must be > 0, got {float(normalizer)}")
-    return labels, pos_neg, normalizer
+    return labels, pos_neg, as_normalizer(normalizer, logits.device, validate)
 
 
 def equalized_focal_loss(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor] = None,

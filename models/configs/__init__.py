@@ -60,6 +60,12 @@ CONFIGS = {
     "two_stage_simcal": _cfg({"type": "two_stage", "cls_loss": "softmax", "simcal_tail_threshold": 100},
                              solver={"max_iter": 200, "warmup_iters": 0, "batch_size": 16},
                              train={"stage": "simcal"}),
+    # the other LVIS classification losses, trained end to end like the softmax baseline
+    "two_stage_seesaw": _cfg({"type": "two_stage", "cls_loss": "seesaw", "seesaw_p": 0.8, "seesaw_q": 2.0}),
+    "two_stage_eqlv2": _cfg({"type": "two_stage", "cls_loss": "eqlv2", "eqlv2_gamma": 12.0, "eqlv2_mu": 0.8,
+                             "eqlv2_alpha": 4.0}),
+    "two_stage_federated": _cfg({"type": "two_stage", "cls_loss": "federated", "fed_loss_num_classes": 50,
+                                 "fed_loss_power": 0.5}),
     "one_stage_focal": _cfg({**_ONE_STAGE_SYNTH, "cls_loss": "focal"}, solver={"lr": 0.01}),
     "one_stage_efl": _cfg({**_ONE_STAGE_SYNTH, "cls_loss": "efl", "efl_scale": 8.0, "efl_gamma_b": 2.0},
                           solver={"lr": 0.01}),
@@ -115,6 +121,17 @@ for _v in ("lvis_v0.5", "lvis_v1"):
         f"{_v}_one_stage_efl": _lvis({**_LVIS_ONE_STAGE, "cls_loss": "efl", "efl_scale": 8.0, "efl_gamma_b": 2.0},
                                      solver={"lr": 0.01, "max_iter": 180000, "steps": [120000, 160000]}),
     })
+
+# LVIS v1, the other classification losses on the same Faster R-CNN R50-FPN 1x (Seesaw's mmdetection config adds
+# RFS, a normalised linear classifier and 2x; EQL v2's and the federated loss's papers train 1x like this).
+CONFIGS.update({
+    "lvis_v1_two_stage_seesaw": _lvis({"type": "two_stage", "cls_loss": "seesaw", "seesaw_p": 0.8,
+                                       "seesaw_q": 2.0}),
+    "lvis_v1_two_stage_eqlv2": _lvis({"type": "two_stage", "cls_loss": "eqlv2", "eqlv2_gamma": 12.0,
+                                      "eqlv2_mu": 0.8, "eqlv2_alpha": 4.0}),
+    "lvis_v1_two_stage_federated": _lvis({"type": "two_stage", "cls_loss": "federated",
+                                          "fed_loss_num_classes": 50, "fed_loss_power": 0.5}),
+})
 
 # LVIS v1, the EFL paper's setting: ATSS R50-FPN, anchor scales {6, 8}, k = 18, 2x schedule (24 epochs at 16
 # images per iteration), repeat factor sampling (t = 0.001), warm-up 6000 iterations, gradient clipping at 35.

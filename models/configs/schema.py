@@ -27,9 +27,10 @@ ALL_POSITIVE = (lambda v: all(x > 0 for x in v), "all > 0")
 @dataclass
 class ModelConfig:
     type: str = _f("two_stage", choices=("two_stage", "one_stage", "atss"))
-    cls_loss: str | None = _f(None, doc="softmax | bags (two-stage), focal | efl (one-stage), focal | efl | qfl | "
-                                           "eqfl (atss); None: the type's default",
-                                 choices=(None, "softmax", "bags", "focal", "efl", "qfl", "eqfl"))
+    cls_loss: str | None = _f(None, doc="softmax | bags | seesaw | eqlv2 | federated (two-stage), focal | efl "
+                                           "(one-stage), focal | efl | qfl | eqfl (atss); None: the type's default",
+                                 choices=(None, "softmax", "bags", "seesaw", "eqlv2", "federated", "focal", "efl",
+                                          "qfl", "eqfl"))
     backbone: str = _f("tiny", doc="tiny | resnet18/34/50/101")
     pretrained_backbone: str | None = _f(None, doc="ImageNet state_dict of the ResNet")
     trainable_layers: int = _f(3, (lambda v: 0 <= v <= 5, "in 0..5"))
@@ -56,6 +57,13 @@ class ModelConfig:
     bags_bounds: list[int] = _f([10, 100, 1000], ALL_POSITIVE)
     bags_others_ratio: float = _f(8.0, NON_NEGATIVE)
     simcal_tail_threshold: int | None = _f(None, POSITIVE)
+    seesaw_p: float = _f(0.8, NON_NEGATIVE, doc="Seesaw mitigation exponent")
+    seesaw_q: float = _f(2.0, NON_NEGATIVE, doc="Seesaw compensation exponent")
+    eqlv2_gamma: float = _f(12.0, NON_NEGATIVE)
+    eqlv2_mu: float = _f(0.8)
+    eqlv2_alpha: float = _f(4.0, NON_NEGATIVE)
+    fed_loss_num_classes: int = _f(50, POSITIVE, doc="federated loss: classes per step (present + sampled)")
+    fed_loss_power: float = _f(0.5, NON_NEGATIVE, doc="federated loss: weight = training image count ** power")
     mask_head: bool = _f(False, doc="two-stage: add the Mask R-CNN mask branch (instance segmentation)")
     mask_head_channels: int = _f(256, POSITIVE, doc="channels of the mask head's convolutions")
     head_convs: int = _f(4, NON_NEGATIVE)

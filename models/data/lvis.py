@@ -262,6 +262,15 @@ class LVISDetection(torch.utils.data.Dataset):
                 for l in r["labels"]:
                     counts[int(l) - 1] += 1
         self.instance_counts = torch.tensor(counts, dtype=torch.int64)
+        # training images per label 1..C (the federated loss's sampling weights): likewise
+        if cats and all("image_count" in c for c in cats):
+            images = [c["image_count"] for c in cats]
+        else:
+            images = [0] * self.num_classes
+            for classes in self._classes:
+                for l in classes:
+                    images[l - 1] += 1
+        self.image_counts = torch.tensor(images, dtype=torch.int64)
         bad = {k: v for k, v in self.skipped.items() if v and k not in ("crowd", "empty_image")}
         if bad:
             logger.warning("%s: skipped %s", ann_file, ", ".join(f"{v} {_SKIP_TEXT[k]}" for k, v in bad.items()))

@@ -10,13 +10,14 @@ from .two_stage import TwoStageDetector
 __all__ = ["build_model", "build_backbone", "TwoStageDetector", "OneStageDetector", "ATSSDetector"]
 
 
-def build_model(model_cfg, num_classes: int, instance_counts):
+def build_model(model_cfg, num_classes: int, instance_counts, image_counts=None):
     """`model_cfg` (the config's `model` section, a dict or a `ModelConfig`): `type` "two_stage", "one_stage" or "atss";
-    `instance_counts[c - 1]` = training instances of class c."""
+    `instance_counts[c - 1]` = training instances of class c; `image_counts[c - 1]` = training images of class c
+    (the federated loss's weights; default: the instance counts)."""
     model_cfg = model_config(model_cfg)
     kind = model_cfg.type
     if kind == "two_stage":
-        return TwoStageDetector(model_cfg, num_classes, instance_counts)
+        return TwoStageDetector(model_cfg, num_classes, instance_counts, image_counts)
     if kind == "one_stage":
         return OneStageDetector(model_cfg, num_classes, instance_counts)
     if kind == "atss":

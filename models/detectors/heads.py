@@ -27,11 +27,13 @@ def match_labels(matcher: Matcher, gt_boxes: torch.Tensor, gt_labels: torch.Tens
 
 
 class RoIBoxHead(nn.Module):
-    """`cls_mode`: "softmax" (C + 1 logits, cross-entropy) or "bags" (`groups.num_logits` logits, GroupSoftmaxLoss).
+    """`cls_mode`: "softmax" (C + 1 logits, cross-entropy), "bags" (`groups.num_logits` logits, GroupSoftmaxLoss),
+    "seesaw" (C + 2 logits, SeesawLoss), "eqlv2" (C + 1 sigmoid logits, EQLv2Loss) or "federated" (C sigmoid logits,
+    FederatedLoss weighted by `image_counts ** 0.5`).
     `simcal_tail_threshold`: if set, a calibration classifier (C + 1 logits) is added; classes with fewer training
     instances than the threshold take its softmax probabilities at inference (dual head)."""
 
-    def __init__(self, in_channels: int, strides, num_classes: int, instance_counts, cfg):
+    def __init__(self, in_channels: int, strides, num_classes: int, instance_counts, cfg, image_counts=None):
         cfg = model_config(cfg)
         super().__init__()
         self.num_classes = num_classes
@@ -55,6 +57,19 @@ class RoIBoxHead(nn.Module):
             num_logits = self.groups.num_logits
         elif self.cls_mode == "softmax":
             num_logits = num_classes + 1
+        elif self.cls_mode in ("seesaw", "eqlv2", "federated"):
+            if self.cls_mode == "seesaw":
+                self.cls_loss_fn = ltkernels.SeesawLoss(num_classes, p=cfg.seesaw_p, q=cfg.seesaw_q)
+            elif self.cls_mode == "eqlv2":
+                self.cls_loss_fn = ltkernels.EQLv2Loss(num_classes, gamma=cfg.eqlv2_gamma, mu=cfg.eqlv2_mu,
+                                                       alpha=cfg.eqlv2_alpha)
+            else:
+                images = counts if image_counts is None else torch.as_tensor(list(image_counts), dtype=torch.int64)
+                if len(images) != num_classes:
+                    raise ValueError(f"image_counts has {len(images)} entries for {num_classes} classes")
+                self.cls_loss_fn = ltkernels.FederatedLoss(images.double() ** cfg.fed_loss_power,
+                                                           num_fed_classes=cfg.fed_loss_num_classes)
+            num_logits = self.cls_loss_fn.num_outputs
         else:
             raise ValueError(f"unknown cls_loss {self.cls_mode!r}")
         self.cls_score = nn.Linear(rep, num_logits)
@@ -93,6 +108,8 @@ class RoIBoxHead(nn.Module):
         logits = self.cls_score(x).float()
         if self.cls_mode == "bags":
             return ltkernels.group_softmax_scores(logits, self.groups)
+        if self.cls_mode in ("seesaw", "eqlv2", "federated"):
+            return self.cls_loss_fn.scores(logits)
         probs = logits.softmax(-1)
         if self.calib_score is not None and self.use_dual_head:
             calibrated = self.calib_score(x).float().softmax(-1)
@@ -104,6 +121,8 @@ class RoIBoxHead(nn.Module):
         w = self.cls_score.weight.detach().float()
         if self.cls_mode == "bags":
             return w[self.groups.score_column[1:].to(w.device)].norm(dim=1)
+        if self.cls_mode in ("seesaw", "eqlv2", "federated"):  # the classes come first
+            return w[:self.num_classes].norm(dim=1)
         return w[1:].norm(dim=1)
 
     # ------------------------------------------------------------------------------------------ training
@@ -152,7 +171,7 @@ class RoIBoxHead(nn.Module):
             proposals, labels, reg_targets = self.select_training_samples(proposals, targets)
             x = self.box_features(features, proposals)
             logits = self.cls_score(x).float()
-            if self.cls_mode == "bags":
+            if self.cls_mode != "softmax":
                 loss_cls = self.cls_loss_fn(logits, labels)
             else:
                 loss_cls = F.cross_entropy(logits, labels)

@@ -41,7 +41,7 @@ def make_anchor_generator(strides, cfg: ModelConfig) -> AnchorGenerator:
 
 
 class TwoStageDetector(nn.Module):
-    def __init__(self, cfg, num_classes: int, instance_counts):
+    def __init__(self, cfg, num_classes: int, instance_counts, image_counts=None):
         super().__init__()
         cfg = model_config(cfg)
         self.cfg = cfg
@@ -58,7 +58,7 @@ class TwoStageDetector(nn.Module):
         # RoIs are pooled from the levels with stride <= 32 (P6 only feeds the RPN, as in Detectron).
         self.roi_levels = [i for i, s in enumerate(strides) if s <= 32]
         self.roi_heads = RoIBoxHead(self.backbone.out_channels, [strides[i] for i in self.roi_levels],
-                                    num_classes, instance_counts, cfg)
+                                    num_classes, instance_counts, cfg, image_counts)
         self.mask_head = None
         if cfg.mask_head:
             self.mask_head = MaskHead(self.backbone.out_channels, [strides[i] for i in self.roi_levels], num_classes,

@@ -151,6 +151,7 @@ def make_sampler(dataset, cfg: dict):
 
 def _model_meta(dataset, cfg) -> dict:
     return {"num_classes": dataset.num_classes, "instance_counts": dataset_instance_counts(dataset),
+            "image_counts": [int(n) for n in getattr(dataset, "image_counts", dataset_instance_counts(dataset))],
             "stage": cfg["train"]["stage"],
             "category_ids": [int(dataset.label_to_category_id[k]) for k in range(1, dataset.num_classes + 1)]}
 
@@ -165,7 +166,7 @@ def load_pretrained_backbone(model, state: dict, source: str) -> None:
 
 def build_from_checkpoint(ckpt: dict, device="cpu", source: str = "checkpoint"):
     meta = ckpt["meta"]
-    model = build_model(ckpt["config"]["model"], meta["num_classes"], meta["instance_counts"])
+    model = build_model(ckpt["config"]["model"], meta["num_classes"], meta["instance_counts"], meta.get("image_counts"))
     _load_weights(model, ckpt["model"], source)
     return model.to(device).eval()
 
@@ -243,7 +244,7 @@ def train(cfg: dict, train_ann: str, image_root: str, out_dir: str, val_ann: str
     meta = _model_meta(dataset, cfg)
     if resumed is not None:
         _check_compatible(resumed, meta, cfg, resume)
-    model = build_model(cfg["model"], meta["num_classes"], meta["instance_counts"])
+    model = build_model(cfg["model"], meta["num_classes"], meta["instance_counts"], meta.get("image_counts"))
     if pretrained_state is not None:
         load_pretrained_backbone(model, pretrained_state, pretrained)
     if stage != "base":
