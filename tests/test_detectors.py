@@ -56,6 +56,25 @@ def test_two_stage_softmax_trains_and_evaluates(baseline):
     assert baseline["model"].roi_heads.cls_score.out_features == 8 + 1
 
 
+@pytest.mark.parametrize("loss,outputs,state", [("seesaw", 8 + 2, "cum_samples"), ("eqlv2", 8 + 1, "pos_neg"),
+                                                  ("federated", 8, "weight")])
+def test_two_stage_with_the_other_lvis_losses_trains_and_evaluates(data, tmp_path, loss, outputs, state):
+    res = run(data, f"two_stage_{loss}", tmp_path / loss, max_iter=16)
+    assert_learns_and_evaluates(res)
+    head = res["model"].roi_heads
+    assert head.cls_score.out_features == outputs
+    assert f"roi_heads.cls_loss_fn.{state}" in res["model"].state_dict()
+    if loss == "seesaw":  # the sampled RoIs were counted: background and classes
+        cum = head.cls_loss_fn.cum_samples
+        assert cum[0] > 0 and cum[1:].sum() > 0 and float(cum.sum()) == int(cum.sum())
+    if loss == "eqlv2":
+        assert torch.isfinite(head.cls_loss_fn.pos_neg).all() and (head.cls_loss_fn.neg_grad > 0).all()
+    if loss == "federated":  # sampling weights: the synthetic categories' image counts ** 0.5
+        assert (head.cls_loss_fn.weight > 0).all()
+    ckpt = load_checkpoint(res["checkpoint"])
+    assert f"roi_heads.cls_loss_fn.{state}" in ckpt["model"]
+
+
 def _frozen_unchanged(model, base_ckpt, trainable_prefix):
     base = load_checkpoint(base_ckpt)["model"]
     for k, v in model.state_dict().items():

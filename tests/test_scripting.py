@@ -298,3 +298,53 @@ def test_scripted_losses_on_the_cuda_kernels(cuda_side):
             torch.testing.assert_close(xs.grad.cpu(), x.grad)
     for (name, a), (_, b) in zip(efl.named_buffers(), scripted[0].named_buffers()):
         torch.testing.assert_close(b.cpu(), a, msg=name)
+
+
+@pytest.mark.parametrize("name", ["seesaw_loss", "seesaw_scores", "eqlv2_loss", "eqlv2_scores", "federated_loss",
+                                  "federated_loss_classes"])
+def test_other_lvis_loss_functions_script(name):
+    """Scripted, each gives the eager result (the class draw: the same set from the same generator state)."""
+    fn = getattr(ltkernels, name)
+    scripted = torch.jit.script(fn)
+    gen = torch.Generator().manual_seed(0)
+    c = 7
+    labels = torch.randint(-1, c + 1, (30,), generator=gen)
+    if name.startswith("seesaw"):
+        args = (torch.randn(30, c + 2, generator=gen),) + ((labels, torch.rand(c + 1, generator=gen) * 9)
+                                                            if name == "seesaw_loss" else ())
+    elif name.startswith("eqlv2"):
+        args = (torch.randn(30, c + 1, generator=gen),) + ((labels,) if name == "eqlv2_loss" else ())
+    elif name == "federated_loss":
+        args = (torch.randn(30, c, generator=gen), labels, torch.rand(c, generator=gen) > 0.5)
+    else:
+        args = (labels, torch.rand(c, generator=gen) + 0.1, 4)
+    torch.manual_seed(1)
+    want = fn(*args)
+    torch.manual_seed(1)
+    got = scripted(*args)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("make", [lambda: ltkernels.SeesawLoss(5), lambda: ltkernels.EQLv2Loss(5),
+                                  lambda: ltkernels.FederatedLoss(torch.rand(5) + 0.1, num_fed_classes=3)],
+                         ids=["seesaw", "eqlv2", "federated"])
+def test_other_lvis_loss_modules_script_and_update_their_state(make):
+    import copy
+
+    eager = make()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    cols = {"SeesawLoss": 7, "EQLv2Loss": 6, "FederatedLoss": 5}[type(eager).__name__]
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        logits = torch.randn(20, cols, generator=gen)
+        labels = torch.randint(0, 6, (20,), generator=gen)
+        x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        torch.manual_seed(3)
+        a = eager(x1, labels)
+        torch.manual_seed(3)
+        b = scripted(x2, labels)
+        a.backward()
+        b.backward()
+        assert torch.allclose(a, b) and torch.allclose(x1.grad, x2.grad)
+    for name, buf in eager.state_dict().items():
+        assert torch.equal(buf, scripted.state_dict()[name]), name

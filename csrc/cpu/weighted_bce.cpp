@@ -164,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_bce_cpu(
                                  statistics ? steps.data_ptr<double>() : nullptr,
                                  statistics ? steps.data_ptr<double>() + k : nullptr);
   });
-  steps = steps.to(acc_type);
-  return {at::scalar_tensor(total, logits.options().dtype(acc_type)), grad, steps[0], steps[1]};
+  // two tensors of their own (an op's outputs must not alias each other)
+  return {at::scalar_tensor(total, logits.options().dtype(acc_type)), grad, steps[0].to(acc_type, false, true),
+          steps[1].to(acc_type, false, true)};
 }
 
 }  // namespace

@@ -103,7 +103,7 @@ def eqlv2_loss(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor] = None,
     pos_grad, neg_grad (with pos_neg): [C] statistics buffers; when given, this call adds the step's sums of
     w * |p - t| over positive / negative targets (all-reduced over ranks in a distributed job) and refreshes
     pos_neg = pos_grad / (neg_grad + 1e-10) in place, after computing the loss with the old pos_neg (the official
-    forward). `EQLv2Loss` does this. validate: check labels and pos_neg first (a host sync on CUDA; default: CPU in
+    forward); a call under no_grad, or on logits that do not require grad, updates nothing. `EQLv2Loss` does this. validate: check labels and pos_neg first (a host sync on CUDA; default: CPU in
     eager mode). Returns a 0-d float32 tensor (float64 for float64 logits). Scriptable.
     """
     check_tensor("logits", logits, ndim=2, dtypes=floating_dtypes())
@@ -136,7 +136,8 @@ def eqlv2_loss(logits: Tensor, labels: Tensor, pos_neg: Optional[Tensor] = None,
         norm = as_normalizer(normalizer, logits.device, validate)
     loss, _, pos_step, neg_step = torch.ops.ltkernels.eqlv2_loss(logits, labels, pos_neg.detach(), norm, float(gamma),
                                                                   float(mu), float(alpha), int(ignore_index))
-    if pos_grad is not None and neg_grad is not None:
+    # a forward that cannot be back-propagated (no_grad: an evaluation loss) does not train, so it updates nothing
+    if pos_grad is not None and neg_grad is not None and torch.is_grad_enabled() and logits.requires_grad:
         _check_buffer("pos_grad", pos_grad, logits, c)
         _check_buffer("neg_grad", neg_grad, logits, c)
         torch.ops.ltkernels.eqlv2_loss_accumulate(pos_grad, neg_grad, pos_neg, pos_step, neg_step)

@@ -113,6 +113,9 @@ def federated_loss_classes(labels: Tensor, weight: Tensor, num_fed_classes: int 
     if int(num_fed_classes) < 0:
         raise ArgumentValueError(f"num_fed_classes must be >= 0, got {num_fed_classes}")
     c = weight.shape[0]
+    if 0 <= int(ignore_index) <= c:
+        raise ArgumentValueError(f"ignore_index must not be a label (0..{c}), got {ignore_index}")
+    check_label_values(labels, c, ignore_index, can_read_values(labels))
     valid = labels != ignore_index
     index = torch.where(valid, labels, torch.zeros_like(labels)).long()
     counts = torch.zeros(c + 1, dtype=torch.float32, device=labels.device).index_add_(0, index, valid.float())
