@@ -76,15 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="kernel benchmarks (arguments are forwarded: ltk bench --help)")
     sub.add_parser("configs", help="list the named configs")
     st = sub.add_parser("study", help="measured comparisons over seeds").add_subparsers(dest="study", required=True)
-    se = st.add_parser("efl", help="focal loss vs EFL and QFL vs EQFL on the improved one-stage baseline (ATSS), "
-                                   "on the synthetic long-tail set, mean +- std over seeds")
-    se.add_argument("--out", default="ltk_study")
-    se.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    se.add_argument("--max-iter", type=int, help="iterations per run (default 1200)")
-    se.add_argument("--methods", nargs="+", choices=["focal", "efl", "qfl", "eqfl"])
-    se.add_argument("--quick", action="store_true", help="a smoke run (a few iterations, a small val set)")
-    se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    se.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    for name, text, methods in (
+            ("efl", "focal loss vs EFL and QFL vs EQFL on the improved one-stage baseline (ATSS)",
+             ["focal", "efl", "qfl", "eqfl"]),
+            ("losses", "the softmax two-stage baseline vs Seesaw, EQL v2 and the federated loss (Faster R-CNN)",
+             ["softmax", "seesaw", "eqlv2", "federated"])):
+        se = st.add_parser(name, help=f"{text}, on the synthetic long-tail set, mean +- std over seeds")
+        se.add_argument("--out", default="ltk_study")
+        se.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        se.add_argument("--max-iter", type=int, help="iterations per run (default 1200)")
+        se.add_argument("--methods", nargs="+", choices=methods)
+        se.add_argument("--quick", action="store_true", help="a smoke run (a few iterations, a small val set)")
+        se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        se.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return parser
 
 

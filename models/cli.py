@@ -8,6 +8,7 @@
   ltk bench [...]                                                 the kernel benchmarks
   ltk configs                                                     list the named configs
   ltk study efl [--out DIR] [--seeds 0 1 2] [--max-iter N]        focal vs EFL, QFL vs EQFL on ATSS, over seeds
+  ltk study losses [--out DIR] [--seeds 0 1 2] [--max-iter N]     softmax vs Seesaw, EQL v2, federated (two-stage)
 
 `ltk train` runs under torchrun as well: `torchrun --nproc_per_node=8 -m ltkernels.models.cli train ...`."""
 from __future__ import annotations
@@ -76,7 +77,7 @@ def cmd_study(args) -> int:
 
         torch.set_num_threads(args.threads)
     run_study(args.out, seeds=args.seeds, quick=args.quick, max_iter=args.max_iter, methods=args.methods,
-              device=args.device)
+              device=args.device, study=args.study)
     return 0
 
 

@@ -142,3 +142,15 @@ def test_study_command_quick(tmp_path):
     assert "efl-focal" in res["summary"]["pairs"] and "eqfl-qfl" in res["summary"]["pairs"]
     table = open(os.path.join(out, "study.md")).read()
     assert "ATSS + EFL" in table and "±" in table
+
+
+def test_losses_study_command_quick(tmp_path):
+    """`ltk study losses`: the two-stage baseline and the three other LVIS losses, paired against it."""
+    out = str(tmp_path / "losses")
+    assert ltk(["study", "losses", "--quick", "--out", out, "--seeds", "0", "--max-iter", "2"]) == 0
+    with open(os.path.join(out, "study.json")) as f:
+        res = json.load(f)
+    assert res["study"] == "losses" and set(res["runs"]) == {"softmax", "seesaw", "eqlv2", "federated"}
+    assert set(res["summary"]["pairs"]) == {"seesaw-softmax", "eqlv2-softmax", "federated-softmax"}
+    table = open(os.path.join(out, "study.md")).read()
+    assert "Faster R-CNN + EQL v2" in table and "Seesaw - softmax" in table

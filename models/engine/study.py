@@ -1,7 +1,9 @@
-"""`ltk study efl`: focal loss vs EFL and QFL vs EQFL on the improved one-stage baseline (ATSS + IoU branch), on the
-synthetic long-tail set, over several seeds; mean +- standard deviation of AP, APr, APc, APf, the paired
-per-seed differences, and a plain verdict on whether EFL (EQFL) beats focal loss (QFL) by more than the
-seed-to-seed spread. Writes `study.json` and `study.md` to `--out`."""
+"""Measured comparisons over seeds on the synthetic long-tail set: mean +- standard deviation of AP, APr, APc, APf, the
+paired per-seed differences, and a plain verdict on whether a method beats its baseline by more than the
+seed-to-seed spread. Writes `study.json` and `study.md` to `--out`.
+
+- `ltk study efl`: focal loss vs EFL and QFL vs EQFL on the improved one-stage baseline (ATSS + IoU branch).
+- `ltk study losses`: the softmax two-stage baseline vs Seesaw, EQL v2 and the federated loss (Faster R-CNN)."""
 from __future__ import annotations
 
 import json
@@ -16,8 +18,18 @@ from ..configs import get_config, merge
 from .demo import PLANS, synthesize
 from .trainer import _jsonable, train
 
-METHODS = ["focal", "efl", "qfl", "eqfl"]
-PAIRS = [("efl", "focal"), ("eqfl", "qfl")]
+# per study: its methods, the (method, baseline) pairs, the config of a method, its name in the table
+STUDIES = {
+    "efl": {"methods": ["focal", "efl", "qfl", "eqfl"], "pairs": [("efl", "focal"), ("eqfl", "qfl")],
+            "config": "atss_{}", "label": "ATSS + {}"},
+    "losses": {"methods": ["softmax", "seesaw", "eqlv2", "federated"],
+               "pairs": [("seesaw", "softmax"), ("eqlv2", "softmax"), ("federated", "softmax")],
+               "config": "two_stage_{}", "label": "Faster R-CNN + {}"},
+}
+METHODS = STUDIES["efl"]["methods"]
+PAIRS = STUDIES["efl"]["pairs"]
+_NAMES = {"focal": "focal loss", "softmax": "softmax", "seesaw": "Seesaw", "eqlv2": "EQL v2",
+          "federated": "federated loss", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL"}
 METRICS = ["AP", "AP50", "APr", "APc", "APf"]
 
 # "default": the demo's data and 1200 iterations per run (the README's table); "quick": a smoke run of the whole
@@ -37,13 +49,13 @@ def _mean_std(values: list, defined=lambda v: v >= 0) -> tuple:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(runs: dict, seeds: list) -> dict:
+def summarize(runs: dict, seeds: list, pairs=PAIRS) -> dict:
     """runs[method][seed] = metrics -> per method mean/std of each metric, per pair the paired differences."""
     out = {"methods": {}, "pairs": {}}
     for m, per_seed in runs.items():
         out["methods"][m] = {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][k] for s in seeds])))
                              for k in METRICS}
-    for a, b in PAIRS:
+    for a, b in pairs:
         if a not in runs or b not in runs:
             continue
         pair = {}
@@ -58,36 +70,38 @@ def summarize(runs: dict, seeds: list) -> dict:
     return out
 
 
-def format_markdown(summary: dict, seeds: list) -> str:
+def format_markdown(summary: dict, seeds: list, label: str = STUDIES["efl"]["label"]) -> str:
     pct = lambda v: f"{100 * v:.1f}"
     lines = ["| method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for m, stats in summary["methods"].items():
-        lines.append(f"| ATSS + {m.upper() if m != 'focal' else 'focal loss'} | " + " | ".join(
+        lines.append(f"| {label.format(_NAMES.get(m, m))} | " + " | ".join(
             f"{pct(stats[k]['mean'])} ± {pct(stats[k]['std'])}" for k in METRICS) + " |")
     lines.append("")
     for name, pair in summary["pairs"].items():
-        a, b = name.split("-")
+        a, b = (_NAMES.get(v, v) for v in name.split("-"))
         cells = ", ".join(f"{k} {100 * p['mean']:+.1f} ± {pct(p['std'])}" for k, p in pair.items())
         verdict = pair["AP"]["beats"]
-        lines.append(f"- {a.upper()} - {b if b == 'focal' else b.upper()} (paired over seeds {seeds}): {cells}. "
-                     f"{a.upper()} {'beats' if verdict else 'does not beat'} {b if b == 'focal' else b.upper()} on AP "
-                     f"by more than the seed-to-seed spread ({pct(pair['AP']['spread'])}).")
+        lines.append(f"- {a} - {b} (paired over seeds {seeds}): {cells}. {a} {'beats' if verdict else 'does not beat'} "
+                     f"{b} on AP by more than the seed-to-seed spread ({pct(pair['AP']['spread'])}).")
     return "\n".join(lines)
 
 
 def run_study(out: str = "ltk_study", seeds=(0, 1, 2), quick: bool = False, max_iter: int | None = None,
-              methods=None, device: str = "auto", log=print) -> dict:
+              methods=None, device: str = "auto", log=print, study: str = "efl") -> dict:
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r} ({', '.join(STUDIES)})")
+    spec = STUDIES[study]
     plan = STUDY_PLANS["quick" if quick else "default"]
     iters = int(max_iter or plan["max_iter"])
     seeds = [int(s) for s in seeds]
-    methods = list(methods or METHODS)
+    methods = list(methods or spec["methods"])
     t_all = time.time()
     os.makedirs(out, exist_ok=True)
     data = synthesize(os.path.join(out, "data"), plan["data"], log)
     runs, times = {m: {} for m in methods}, {m: {} for m in methods}
     for seed in seeds:
         for m in methods:
-            cfg = merge(get_config(f"atss_{m}"), {"solver": {"max_iter": iters},
+            cfg = merge(get_config(spec["config"].format(m)), {"solver": {"max_iter": iters},
                                                   "train": {"seed": seed, "ckpt_every": 0, "log_every": 0,
                                                             "tensorboard": False}})
             t0 = time.time()
@@ -99,11 +113,11 @@ def run_study(out: str = "ltk_study", seeds=(0, 1, 2), quick: bool = False, max_
             r = runs[m][seed]
             log(f"[study] {m} seed {seed}: {times[m][seed]:.0f}s  AP {100 * r['AP']:.1f}  APr {100 * r['APr']:.1f}  "
                 f"APc {100 * r['APc']:.1f}  APf {100 * r['APf']:.1f}")
-    summary = summarize(runs, seeds)
-    table = format_markdown(summary, seeds)
+    summary = summarize(runs, seeds, spec["pairs"])
+    table = format_markdown(summary, seeds, spec["label"])
     log("\n" + table)
     used = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    result = {"seeds": seeds, "max_iter": iters, "quick": quick, "device": used,
+    result = {"study": study, "seeds": seeds, "max_iter": iters, "quick": quick, "device": used,
               "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
               "data": {**plan["data"], **data}, "runs": runs, "run_time_s": times, "summary": summary,
               "table": table, "total_time_s": round(time.time() - t_all, 1)}
