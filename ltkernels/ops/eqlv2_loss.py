@@ -22,10 +22,16 @@ from .._validate import (
     can_read_values,
     check_tensor,
     floating_dtypes,
-    refuse_double_backward,
     to_background_first,
 )
-from .loss_common import accumulate_statistics, as_normalizer, check_finite, check_label_values, rows_normalizer
+from .loss_common import (
+    accumulate_statistics,
+    as_normalizer,
+    check_finite,
+    check_label_values,
+    register_saved_gradient_autograd,
+    rows_normalizer,
+)
 
 __all__ = ["eqlv2_loss", "eqlv2_scores", "EQLv2Loss"]
 
@@ -56,21 +62,7 @@ if has_op("eqlv2_loss"):
         return (logits.new_empty((), dtype=acc), torch.empty_like(logits, memory_format=torch.contiguous_format),
                 logits.new_empty((c,), dtype=acc), logits.new_empty((c,), dtype=acc))
 
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1], output[2], output[3])
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, grad_loss, grad_grad, grad_pos, grad_neg):
-        refuse_double_backward("eqlv2_loss")
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None:
-            return None, None, None, None, None, None, None, None
-        if can_read_values(grad) and can_read_values(grad_loss) and bool(grad_loss == 1):
-            return grad, None, None, None, None, None, None, None  # the saved gradient as it is: no pass
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
-
-    torch.library.register_autograd("ltkernels::eqlv2_loss", _backward, setup_context=_setup_context)
+    register_saved_gradient_autograd("eqlv2_loss", 8)
 
 
 def _check_params(gamma: float, mu: float, alpha: float, ignore_index: int, num_classes: int) -> None:

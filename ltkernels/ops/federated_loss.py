@@ -21,10 +21,9 @@ from .._validate import (
     can_read_values,
     check_tensor,
     floating_dtypes,
-    refuse_double_backward,
     to_background_first,
 )
-from .loss_common import as_normalizer, check_label_values, rows_normalizer
+from .loss_common import as_normalizer, check_label_values, register_saved_gradient_autograd, rows_normalizer
 
 __all__ = ["federated_loss", "federated_loss_classes", "FederatedLoss"]
 
@@ -42,21 +41,7 @@ if has_op("federated_loss"):
         return (logits.new_empty((), dtype=acc_dtype(logits.dtype)),
                 torch.empty_like(logits, memory_format=torch.contiguous_format))
 
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, grad_loss, grad_grad):
-        refuse_double_backward("federated_loss")
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None:
-            return None, None, None, None, None
-        if can_read_values(grad) and can_read_values(grad_loss) and bool(grad_loss == 1):
-            return grad, None, None, None, None  # the saved gradient as it is: no pass
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
-
-    torch.library.register_autograd("ltkernels::federated_loss", _backward, setup_context=_setup_context)
+    register_saved_gradient_autograd("federated_loss", 5)
 
 
 def _check_labels_tensor(logits: Tensor, labels: Tensor) -> None:

@@ -8,7 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validate import ArgumentTypeError, ArgumentValueError, check_labels, dtype_name
+from .._validate import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    can_read_values,
+    check_labels,
+    dtype_name,
+    refuse_double_backward,
+)
 
 __all__: list = []
 
@@ -79,3 +86,26 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, vali
         check_labels("labels", labels, num_classes, ignore_index)
     elif labels.dtype not in [torch.int64, torch.int32]:
         raise ArgumentTypeError(f"labels must be int64 or int32, got {dtype_name(labels.dtype)}")
+
+
+def register_saved_gradient_autograd(op: str, num_inputs: int) -> None:
+    """Autograd of a loss op whose outputs are (loss, dL/dlogits computed with d(loss) = 1, statistics...) and whose
+    first input is the logits: the backward scales the saved gradient by the upstream one (or hands it over as it is
+    when that is 1 and readable: no pass); the other outputs are not differentiable."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # else autograd fills an [N, K] zero gradient for the unused outputs
+
+    def backward(ctx, grad_loss, *unused):
+        refuse_double_backward(op)
+        (grad,) = ctx.saved_tensors
+        rest = (None,) * (num_inputs - 1)
+        if grad_loss is None:
+            return (None,) + rest
+        if can_read_values(grad) and can_read_values(grad_loss) and bool(grad_loss == 1):
+            return (grad,) + rest  # the saved gradient as it is: no pass
+        return (grad * grad_loss.to(grad.dtype),) + rest
+
+    torch.library.register_autograd(f"ltkernels::{op}", backward, setup_context=setup_context)
