@@ -282,6 +282,45 @@ def test_multiclass_nms_ties_follow_candidate_order():
                 multiclass_nms_reference(boxes, scores, 0.0, 0.5, 100))
 
 
+def test_multiclass_nms_deep_walk_over_many_bands():
+    """Heavy suppression: the walk needs nearly every candidate, far more than the first band the score sample picks
+    (images of >= 65536 scores gather candidates band by band)."""
+    g = torch.Generator().manual_seed(3)
+    n, c = 400, 200
+    base = torch.tensor([100.0, 100.0, 180.0, 160.0])
+    boxes = base + torch.rand(n, c, 4, generator=g) * 3  # per class: every row's box overlaps every other's
+    scores = torch.rand(n, c, generator=g)
+    with one_thread():
+        assert_same(ltkernels.multiclass_nms(boxes, scores, 0.0, 0.5, 300),
+                    torchvision_multiclass_nms(boxes, scores, 0.0, 0.5, 300))
+        assert_same(ltkernels.multiclass_nms(boxes, scores, 0.0, 0.5, None),
+                    torchvision_multiclass_nms(boxes, scores, 0.0, 0.5, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_multiclass_nms_signed_scores_zeros_and_sparse_tops(dtype):
+    """Scores of any sign (raw logits) with +0 and -0 among them, thresholds 0 and -0, and a few high scores the
+    sample of a large image misses: the same detections as the reference pipeline."""
+    g = torch.Generator().manual_seed(4)
+    up = (lambda t: t) if dtype == torch.float64 else (lambda t: t.float())  # ties: the reference's candidate order
+    n, c = 300, 250
+    boxes, _ = lvis_inputs(n=n, c=c, seed=4, dtype=dtype)  # the pipeline runs on float32 copies (float16 too)
+    scores = torch.randn(n, c, generator=g) * 2
+    scores[torch.rand(n, c, generator=g) < 0.2] = 0.0
+    scores[torch.rand(n, c, generator=g) < 0.2] = -0.0
+    logits = scores.to(dtype)
+    for thr in (0.0, -0.0):
+        expected = multiclass_nms_reference(up(boxes), up(logits), thr, 0.5, 300)
+        got = ltkernels.multiclass_nms(boxes, logits, thr, 0.5, 300)
+        assert torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+    sparse = torch.full((n, c), -5.0, dtype=dtype)
+    flat = torch.randperm(n * c, generator=g)[:40]
+    sparse.view(-1)[flat] = torch.linspace(1, 2, 40).to(dtype)
+    got = ltkernels.multiclass_nms(boxes, sparse, 0.0, 0.5, 300)
+    expected = multiclass_nms_reference(up(boxes), up(sparse), 0.0, 0.5, 300)
+    assert got[0].shape[0] == 40 and torch.equal(got[3], expected[3]) and torch.equal(got[2], expected[2])
+
+
 @pytest.mark.parametrize("class_specific", [True, False], ids=["class_specific", "shared"])
 def test_batched_multiclass_nms_equals_per_image(class_specific):
     images = [lvis_inputs(n=n, c=200, class_specific=class_specific, seed=i) for i, n in enumerate([150, 0, 90, 120])]

@@ -15,12 +15,15 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <type_traits>
 #include <numeric>
 #include <vector>
 
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "fast_math.h"
 #include "nms.h"
 #include "nms_math.h"
 
@@ -83,25 +86,34 @@ inline bool keep_unless_overlapping(KeptBoxes<acc>& kept, const T* bx, acc thr) 
 constexpr int64_t kCheckGrain = int64_t{1} << 22;  // ~1 ms of scanning per thread
 constexpr int64_t kParallelWork = int64_t{1} << 16;
 
+// Whether any of p[0..n) is non-finite (allow_inf: NaN): on the exponent bits, an integer reduction the compiler
+// vectorises (a float compare per element does not vectorise under -ftrapping-math); half / bfloat16 via float.
+template <typename T>
+LTK_ALWAYS_INLINE bool any_bad(const T* p, int64_t n, bool allow_inf) {
+  using U = std::conditional_t<std::is_same_v<T, double>, uint64_t, uint32_t>;
+  using F = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  constexpr U kInf = std::is_same_v<T, double> ? U(0x7FF0000000000000ull) : U(0x7F800000u);
+  U worst = 0;  // the largest |p[i]| as bits: inf is kInf (all exponent bits, zero mantissa), NaN anything above
+  for (int64_t i = 0; i < n; ++i) {
+    const U a = ltk::bits_as<U>(static_cast<F>(p[i])) & (~U{0} >> 1);
+    worst = a > worst ? a : worst;
+  }
+  return allow_inf ? worst > kInf : worst >= kInf;
+}
+LTK_CPU_CLONES bool any_bad_f32(const float* p, int64_t n, bool allow_inf) { return any_bad(p, n, allow_inf); }
+LTK_CPU_CLONES bool any_bad_f64(const double* p, int64_t n, bool allow_inf) { return any_bad(p, n, allow_inf); }
+
 template <typename T>
 void check_values(const T* p, int64_t n, bool allow_inf, const char* what) {
   std::atomic<bool> bad{false};
   at::parallel_for(0, n, kCheckGrain, [&](int64_t begin, int64_t end) {
-    bool b = false;
-    for (int64_t i = begin; i < end; ++i) {
-      const float v = static_cast<float>(p[i]);
-      b |= allow_inf ? std::isnan(v) : !std::isfinite(v);
-    }
-    if (b) bad = true;
-  });
-  TORCH_CHECK_VALUE(!bad.load(), what, allow_inf ? " contains NaN values" : " contains NaN or infinite values");
-}
-template <>
-void check_values<double>(const double* p, int64_t n, bool allow_inf, const char* what) {
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, n, kCheckGrain, [&](int64_t begin, int64_t end) {
-    bool b = false;
-    for (int64_t i = begin; i < end; ++i) b |= allow_inf ? std::isnan(p[i]) : !std::isfinite(p[i]);
+    bool b;
+    if constexpr (std::is_same_v<T, float>)
+      b = any_bad_f32(p + begin, end - begin, allow_inf);
+    else if constexpr (std::is_same_v<T, double>)
+      b = any_bad_f64(p + begin, end - begin, allow_inf);
+    else
+      b = any_bad(p + begin, end - begin, allow_inf);
     if (b) bad = true;
   });
   TORCH_CHECK_VALUE(!bad.load(), what, allow_inf ? " contains NaN values" : " contains NaN or infinite values");
@@ -192,53 +204,135 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_
 // ---- multi-class NMS ---------------------------------------------------------------------------------------
 
 template <typename T>
-struct Detection {
+struct Detection {  // a kept candidate
   int64_t flat;
   T score;
 };
 
-// One image: candidates (row, class) with score > score_thr among `rows`, then the walk in decreasing score
-// (ties by lower flat index row * C + class, i.e. the reference's candidate order) with per-class kept lists,
-// stopping at max_per_image kept. Candidates are sorted lazily: the best chunk first (nth_element + sort), the
-// next chunk only if the walk needs it.
+// Candidates are never gathered all at once (an LVIS image has ~300k of them and the walk needs a few hundred to a few
+// thousand): a histogram of a sample of the scores by bin picks a band of the highest bins expected to hold about
+// twice `chunk` candidates; only those are gathered (exactly) and sorted, and the next band only if the walk needs
+// it. The sample decides the bands, never the result: every band is gathered in full, and the last one reaches the
+// lowest bin.
+constexpr int kBinBits = 11;
+constexpr int kBins = 1 << kBinBits;
+constexpr int64_t kSampleStride = 16;  // one score in 16 (images of fewer than kParallelWork scores: all of them)
+
+// An order key of a score: unsigned order is the float order (NaN is rejected before; -0 is made +0: equal scores
+// must have one key). The top kBinBits of the key are the score's bin: higher bins hold higher scores, and ties never
+// straddle bands. half / bfloat16 via float (exact).
+LTK_ALWAYS_INLINE uint32_t order_key(float v) {
+  const uint32_t u = ltk::bits_as<uint32_t>(v + 0.0f);
+  return (u >> 31) ? ~u : u | 0x80000000u;
+}
+LTK_ALWAYS_INLINE uint64_t order_key(double v) {
+  const uint64_t u = ltk::bits_as<uint64_t>(v + 0.0);
+  return (u >> 63) ? ~u : u | (uint64_t{1} << 63);
+}
+template <typename T>
+LTK_ALWAYS_INLINE uint32_t order_key(T v) {
+  return order_key(static_cast<float>(v));
+}
+template <typename T>
+using key_t = decltype(order_key(T{}));
+template <typename T>
+constexpr int kKeyShift = 8 * sizeof(key_t<T>) - kBinBits;
+
+template <typename T>
+struct Candidate {
+  T score;
+  int64_t flat;  // row * C + class
+};
+
+// Appends the scores of one row whose key k has k - a <= span (unsigned) to `out`: branch-free blocks that the
+// compiler vectorises, the rare block with a hit walked again.
+template <typename T>
+LTK_ALWAYS_INLINE void gather_row(const T* srow, int64_t C, int64_t base, key_t<T> a, key_t<T> span,
+                                  std::vector<Candidate<T>>& out) {
+  constexpr int64_t kBlock = 16;
+  int64_t c = 0;
+  for (; c + kBlock <= C; c += kBlock) {
+    int hit = 0;
+    for (int64_t u = 0; u < kBlock; ++u) hit |= (order_key(srow[c + u]) - a <= span) ? 1 : 0;
+    if (!hit) continue;
+    for (int64_t u = c; u < c + kBlock; ++u)
+      if (order_key(srow[u]) - a <= span) out.push_back({srow[u], base + u});
+  }
+  for (; c < C; ++c)
+    if (order_key(srow[c]) - a <= span) out.push_back({srow[c], base + c});
+}
+LTK_CPU_CLONES void gather_row_f32(const float* srow, int64_t C, int64_t base, uint32_t a, uint32_t span,
+                                   std::vector<Candidate<float>>& out) {
+  gather_row(srow, C, base, a, span, out);
+}
+
+// One image: the candidates (row, class) with score > score_thr among `rows`, walked in decreasing score (ties by
+// lower flat index row * C + class, i.e. the reference's candidate order) with per-class kept lists, stopping at
+// max_per_image kept. Large images scan their rows in parallel (inline when called inside a parallel region).
 template <typename T>
 void multiclass_image(const T* boxes, bool class_specific, const T* scores, int64_t C, const std::vector<int64_t>& rows,
                       T score_thr, ltk::acc_t<T> iou_thr, int64_t max_per_image, std::vector<Detection<T>>& out) {
   using acc = ltk::acc_t<T>;
-  struct Key {
-    T score;
-    int64_t flat;
-  };
-  std::vector<Key> cand;
-  for (int64_t r : rows) {
-    const T* srow = scores + r * C;
-    for (int64_t c = 0; c < C; ++c)
-      if (srow[c] > score_thr) cand.push_back({srow[c], r * C + c});
+  const int64_t nrows = static_cast<int64_t>(rows.size());
+  const int64_t grain = std::max<int64_t>(1, kParallelWork * 4 / std::max<int64_t>(C, 1));
+  const int64_t stride = nrows * C >= kParallelWork ? kSampleStride : 1;
+  using K = key_t<T>;
+  constexpr int shift = kKeyShift<T>;
+  const K first = order_key(score_thr) + 1;  // candidates: key >= first (score > score_thr); none if it wrapped
+  if (first == 0) return;
+  std::vector<int64_t> hist(kBins, 0);  // sampled candidates per bin
+  for (int64_t t = 0; t < nrows; ++t) {
+    const T* srow = scores + rows[t] * C;
+    for (int64_t c = (t * 7) % stride; c < C; c += stride) {
+      const K k = order_key(srow[c]);
+      hist[k >> shift] += k >= first;
+    }
   }
-  const auto better = [](const Key& a, const Key& b) {
+  std::mutex merge;
+  const auto better = [](const Candidate<T>& a, const Candidate<T>& b) {
     return a.score > b.score || (!(b.score > a.score) && a.flat < b.flat);
   };
   std::vector<KeptBoxes<acc>> kept(C);
-  const int64_t m = static_cast<int64_t>(cand.size());
+  std::vector<Candidate<T>> band;
   const int64_t limit = max_per_image < 0 ? std::numeric_limits<int64_t>::max() : max_per_image;
-  int64_t start = 0;
   int64_t chunk = std::max<int64_t>(1024, 4 * std::min<int64_t>(limit, int64_t(1) << 20));
   int64_t num_kept = 0;
-  while (start < m && num_kept < limit) {
-    const int64_t stop = std::min(m, start + chunk);
-    if (stop < m) std::nth_element(cand.begin() + start, cand.begin() + stop, cand.end(), better);
-    std::sort(cand.begin() + start, cand.begin() + stop, better);
-    for (int64_t t = start; t < stop && num_kept < limit; ++t) {
-      const int64_t flat = cand[t].flat;
+  for (uint32_t top = kBins; top > 0 && num_kept < limit; chunk *= 2) {  // bands [lo, top), highest first
+    uint32_t lo = top;
+    int64_t expected = 0;
+    while (lo > 0 && expected < 2 * chunk) expected += hist[--lo] * stride;
+    if (expected == 0) {  // none left in the sample: the rest in one band (in an exact histogram: none left)
+      if (stride == 1) break;
+      lo = 0;
+    }
+    const K a = std::max<K>(first, static_cast<K>(lo) << shift);  // keys of the band: [a, a + span]
+    const K last = static_cast<K>((static_cast<K>(top - 1) << shift) | ((K{1} << shift) - 1));
+    if (last < a) break;  // the band lies at or below score_thr, as every later one
+    const K span = last - a;
+    band.clear();
+    at::parallel_for(0, nrows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<Candidate<T>> local;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = rows[t];
+        if constexpr (std::is_same_v<T, float>)
+          gather_row_f32(scores + r * C, C, r * C, a, span, local);
+        else
+          gather_row(scores + r * C, C, r * C, a, span, local);
+      }
+      std::lock_guard<std::mutex> lock(merge);
+      band.insert(band.end(), local.begin(), local.end());
+    });
+    std::sort(band.begin(), band.end(), better);
+    for (size_t t = 0; t < band.size() && num_kept < limit; ++t) {
+      const int64_t flat = band[t].flat;
       const int64_t r = flat / C, c = flat - r * C;
       const T* bx = class_specific ? boxes + flat * 4 : boxes + r * 4;
       if (keep_unless_overlapping(kept[c], bx, iou_thr)) {
-        out.push_back({flat, cand[t].score});
+        out.push_back({flat, band[t].score});
         ++num_kept;
       }
     }
-    start = stop;
-    chunk *= 2;
+    top = lo;
   }
 }
 
