@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         se.add_argument("--quick", action="store_true", help="a smoke run (a few iterations, a small val set)")
         se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         se.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        se.add_argument("--reuse", action="store_true",
+                        help="keep the runs in --out that finished with the same config (add seeds, finish a study)")
     return parser
 
 

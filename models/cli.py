@@ -77,7 +77,7 @@ def cmd_study(args) -> int:
 
         torch.set_num_threads(args.threads)
     run_study(args.out, seeds=args.seeds, quick=args.quick, max_iter=args.max_iter, methods=args.methods,
-              device=args.device, study=args.study)
+              device=args.device, study=args.study, reuse=args.reuse)
     return 0
 
 

@@ -144,6 +144,22 @@ def test_study_command_quick(tmp_path):
     assert "ATSS + EFL" in table and "±" in table
 
 
+def test_study_reuses_only_finished_runs_of_the_same_config(tmp_path):
+    """`--reuse` keeps a finished run of the identical config and retrains anything else."""
+    out = str(tmp_path / "study")
+    base = ["study", "efl", "--quick", "--out", out, "--methods", "focal"]
+    assert ltk(base + ["--seeds", "0", "--max-iter", "2"]) == 0
+    log0 = os.path.join(out, "focal_seed0", "train_log.json")
+    first = os.stat(log0).st_mtime_ns
+    assert ltk(base + ["--seeds", "0", "1", "--max-iter", "2", "--reuse"]) == 0
+    assert os.stat(log0).st_mtime_ns == first  # seed 0 reused, seed 1 trained
+    with open(os.path.join(out, "study.json")) as f:
+        res = json.load(f)
+    assert set(res["runs"]["focal"]) == {"0", "1"}
+    assert ltk(base + ["--seeds", "0", "--max-iter", "3", "--reuse"]) == 0
+    assert os.stat(log0).st_mtime_ns != first  # another config: trained again
+
+
 def test_losses_study_command_quick(tmp_path):
     """`ltk study losses`: the two-stage baseline and the three other LVIS losses, paired against it."""
     out = str(tmp_path / "losses")

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..configs import get_config, merge
+from ..configs import get_config, merge, resolve
 from .demo import PLANS, synthesize
 from .trainer import _jsonable, train
 
@@ -86,8 +86,21 @@ def format_markdown(summary: dict, seeds: list, label: str = STUDIES["efl"]["lab
     return "\n".join(lines)
 
 
+def finished_run(run_dir: str, cfg: dict) -> dict | None:
+    """The train log of a run in `run_dir` that finished and evaluated exactly `cfg`, else None."""
+    try:
+        with open(os.path.join(run_dir, "train_log.json")) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = done.get("config") == json.loads(json.dumps(resolve(cfg)))
+    return done if same and isinstance(done.get("metrics"), dict) else None
+
+
 def run_study(out: str = "ltk_study", seeds=(0, 1, 2), quick: bool = False, max_iter: int | None = None,
-              methods=None, device: str = "auto", log=print, study: str = "efl") -> dict:
+              methods=None, device: str = "auto", log=print, study: str = "efl", reuse: bool = False) -> dict:
+    """Train every method for every seed and summarize. `reuse` keeps the results of runs already in `out` that
+    finished with the same config (a study stopped part-way, or more seeds added later)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r} ({', '.join(STUDIES)})")
     spec = STUDIES[study]
@@ -104,14 +117,17 @@ def run_study(out: str = "ltk_study", seeds=(0, 1, 2), quick: bool = False, max_
             cfg = merge(get_config(spec["config"].format(m)), {"solver": {"max_iter": iters},
                                                   "train": {"seed": seed, "ckpt_every": 0, "log_every": 0,
                                                             "tensorboard": False}})
-            t0 = time.time()
-            res = train(cfg, data["train_ann"], data["image_root"], os.path.join(out, f"{m}_seed{seed}"),
-                        val_ann=data["val_ann"], val_images=data["image_root"], device=device, progress=False,
-                        log=log, overwrite=True)
-            runs[m][seed] = {k: float(res["metrics"][k]) for k in METRICS}
-            times[m][seed] = round(time.time() - t0, 1)
+            run_dir = os.path.join(out, f"{m}_seed{seed}")
+            done = finished_run(run_dir, cfg) if reuse else None
+            reused = done is not None
+            if not reused:
+                done = train(cfg, data["train_ann"], data["image_root"], run_dir, val_ann=data["val_ann"],
+                             val_images=data["image_root"], device=device, progress=False, log=log, overwrite=True)
+            runs[m][seed] = {k: float(done["metrics"][k]) for k in METRICS}
+            times[m][seed] = round(done["train_time"], 1)
             r = runs[m][seed]
-            log(f"[study] {m} seed {seed}: {times[m][seed]:.0f}s  AP {100 * r['AP']:.1f}  APr {100 * r['APr']:.1f}  "
+            log(f"[study] {m} seed {seed}{' (reused)' if reused else ''}: train "
+                f"{times[m][seed]:.0f}s  AP {100 * r['AP']:.1f}  APr {100 * r['APr']:.1f}  "
                 f"APc {100 * r['APc']:.1f}  APf {100 * r['APf']:.1f}")
     summary = summarize(runs, seeds, spec["pairs"])
     table = format_markdown(summary, seeds, spec["label"])
@@ -119,7 +135,7 @@ def run_study(out: str = "ltk_study", seeds=(0, 1, 2), quick: bool = False, max_
     used = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     result = {"study": study, "seeds": seeds, "max_iter": iters, "quick": quick, "device": used,
               "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-              "data": {**plan["data"], **data}, "runs": runs, "run_time_s": times, "summary": summary,
+              "data": {**plan["data"], **data}, "runs": runs, "train_time_s": times, "summary": summary,
               "table": table, "total_time_s": round(time.time() - t_all, 1)}
     with open(os.path.join(out, "study.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=1)
