@@ -93,3 +93,14 @@ def test_efl_compile(run_bench, device, dtype):
         return loss
 
     _run(run_bench, device, dtype, "compile", step, logits)
+
+
+def test_efl_floor(run_bench, device):
+    """The compute floor beside the copy-bandwidth floor: what the formula's maths alone cost for the benchmark's
+    elements (per element 2 exp, 1 log1p and 1 division for the loss and its gradient, in registers, the kernels'
+    own vectorised functions; csrc/cpu/math_floor.cpp). On CPU the loss is bound by these, not by memory."""
+    if device != "cpu" or not has_op("_math_floor"):
+        pytest.skip("the compute floor is measured on CPU")
+    logits, _ = make_inputs(device, torch.float32)
+    n = logits.numel()
+    _run(run_bench, device, torch.float32, "floor", lambda: torch.ops.ltkernels._math_floor(n, "efl"), logits)

@@ -4,7 +4,9 @@ import json
 import math
 
 import pytest
+import torch
 
+from ltkernels._ext import has_op
 from ltkernels.models import benchmarking as bm
 from ltkernels.models.benchmarking import cli, harness, readme
 
@@ -221,6 +223,7 @@ def test_budget_run_survives_a_broken_bench_file(tmp_path, monkeypatch, capsys):
 _PID_BENCH = """
 import os
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("impl", ["ltkernels", "peer"])
@@ -298,3 +301,24 @@ def test_mixed_timers_fall_back_to_wall_clock():
     ])
     peer = rows[0]["peers"]["torchvision"]
     assert math.isclose(peer["speedup"], 2.0) and peer["speedup_timer"] == "wall"
+
+
+@pytest.mark.skipif(not has_op("_math_floor"), reason="_math_floor not built")
+def test_math_floor_evaluates_the_formula():
+    """The benchmarks' compute floor evaluates what it claims: sums over its block (x = -8 j / 4096, u = j / 4096)
+    against float64, for one block and for several (the sum is over whole blocks)."""
+    j = torch.arange(4096, dtype=torch.float64)
+    u = j / 4096
+    x = -8 * u
+    e = torch.exp(-x.abs())
+    lp = torch.log1p(e)
+    efl = (torch.exp(-2.0 * (x.clamp(min=0) + lp)) * lp + 1 / (1 + e)).sum()
+    want = {"exp": torch.exp(x).sum(), "log1p": torch.log1p(u).sum(), "efl": efl}
+    for formula, total in want.items():
+        got = torch.ops.ltkernels._math_floor(4096, formula)
+        assert got == pytest.approx(float(total), rel=1e-5), formula
+        assert torch.ops.ltkernels._math_floor(3 * 4096, formula) == pytest.approx(3 * float(total), rel=1e-5)
+    with pytest.raises(ValueError, match="formula must be"):
+        torch.ops.ltkernels._math_floor(10, "sin")
+    with pytest.raises(ValueError, match="n must be"):
+        torch.ops.ltkernels._math_floor(-1, "exp")

@@ -23,7 +23,7 @@ def render_readme_table(results_dir, relative_to=None, include_quick: bool = Fal
     results = load_results(results_dir, include_quick)
     if not results:
         return "_No benchmark results committed yet: run `ltk bench` on a device and commit `bench/results/`._\n"
-    all_rows = [(res, r) for res in results for r in res["rows"] if r["peers"] or r["op"] == "copy"]
+    all_rows = [(res, r) for res in results for r in res["rows"] if r["peers"] or r["ours"] or r["op"] == "copy"]
     peers = peers_in([r for _, r in all_rows])
     header = ["device", "op", "size", "dtype", "pass", "ours", *(f"vs {p}" for p in peers), "GB/s", "% copy BW"]
     body = []

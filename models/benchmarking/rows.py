@@ -6,7 +6,7 @@ import json
 import sys
 
 OURS = "ltkernels"
-PEER_ORDER = ["torchvision", "torchvision-offset", "official", "eager", "compile"]
+PEER_ORDER = ["torchvision", "torchvision-offset", "official", "eager", "compile", "aten", "floor"]
 OP_ORDER = ["copy", "roi_align", "nms", "batched_nms", "multiclass_nms", "group_softmax_loss", "group_softmax_scores",
             "equalized_focal_loss"]
 PASS_ORDER = ["fwd", "fwd+bwd"]
