@@ -17,4 +17,11 @@ TORCH_LIBRARY_FRAGMENT(ltkernels, m) {
   m.def(
       "_equalized_focal_loss_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor pos_neg, "
       "Tensor normalizer, float gamma_b, float scale, float alpha, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // A training step in one pass: (loss, grad_logits for grad_loss = 1, pos_step, neg_step); the autograd backward
+  // scales the gradient and the statistics by the upstream gradient (and adds the statistics into pos_grad /
+  // neg_grad, as the backward of equalized_focal_loss does).
+  m.def(
+      "_equalized_focal_loss_fused(Tensor logits, Tensor labels, Tensor pos_neg, Tensor normalizer, float gamma_b, "
+      "float scale, float alpha, int ignore_index, Tensor? pos_grad=None, Tensor? neg_grad=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,6 +1,7 @@
 // What the CPU and CUDA kernels of equalized_focal_loss and equalized_quality_focal_loss share: the argument checks
 // (the Python API checks first, with messages that name the arguments; these guard direct torch.ops calls) and the
-// four registered entry points, built from each backend's forward and backward (`quality` undefined for EFL).
+// registered entry points, built from each backend's forward, backward and (where it has one) one-pass step
+// (`quality` undefined for EFL).
 #pragma once
 
 #include <torch/library.h>
@@ -48,10 +49,36 @@ using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Te
                                                                     const at::Tensor& normalizer, double gamma_b,
                                                                     double scale, double alpha, int64_t ignore_index);
 using Statistics = std::optional<at::Tensor>;  // pos_grad / neg_grad: read by the autograd formula only
+// The training step's one pass: (loss, dL/dlogits for d(loss) = 1, pos_step, neg_step).
+using Fused = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality, const at::Tensor& pos_neg,
+    const at::Tensor& normalizer, double gamma_b, double scale, double alpha, int64_t ignore_index);
 
-// Registers the four ops of the family on one backend (call inside its TORCH_LIBRARY_IMPL block).
+// The fused step from the forward and the backward, for a backend without a one-pass kernel.
 template <Forward forward, Backward backward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_from_parts(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality, const at::Tensor& pos_neg,
+    const at::Tensor& normalizer, double gamma_b, double scale, double alpha, int64_t ignore_index) {
+  at::Tensor loss = forward(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+  auto [grad, pos, neg] = backward(at::ones({}, loss.options()), logits, labels, quality, pos_neg, normalizer, gamma_b,
+                                   scale, alpha, ignore_index);
+  return {loss, grad, pos, neg};
+}
+
+// Registers the six ops of the family on one backend (call inside its TORCH_LIBRARY_IMPL block).
+template <Forward forward, Backward backward, Fused fused = &fused_from_parts<forward, backward>>
 void register_kernels(torch::Library& m) {
+  m.impl("_equalized_focal_loss_fused",
+         [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg, const at::Tensor& normalizer,
+            double gamma_b, double scale, double alpha, int64_t ignore_index, const Statistics&, const Statistics&) {
+           return fused(logits, labels, at::Tensor(), pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+         });
+  m.impl("_equalized_quality_focal_loss_fused",
+         [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& quality, const at::Tensor& pos_neg,
+            const at::Tensor& normalizer, double gamma_b, double scale, double alpha, int64_t ignore_index,
+            const Statistics&, const Statistics&) {
+           return fused(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index);
+         });
   m.impl("equalized_focal_loss",
          [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& pos_neg, const at::Tensor& normalizer,
             double gamma_b, double scale, double alpha, int64_t ignore_index, const Statistics&, const Statistics&) {

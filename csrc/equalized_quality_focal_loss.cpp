@@ -14,4 +14,8 @@ TORCH_LIBRARY_FRAGMENT(ltkernels, m) {
       "_equalized_quality_focal_loss_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor quality, "
       "Tensor pos_neg, Tensor normalizer, float gamma_b, float scale, float alpha, int ignore_index) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_equalized_quality_focal_loss_fused(Tensor logits, Tensor labels, Tensor quality, Tensor pos_neg, "
+      "Tensor normalizer, float gamma_b, float scale, float alpha, int ignore_index, Tensor? pos_grad=None, "
+      "Tensor? neg_grad=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -230,6 +230,43 @@ def test_opcheck():
                           (x, labels, pos_neg, norm, 2.0, 8.0, 0.25, -1))
     torch.library.opcheck(torch.ops.ltkernels._equalized_focal_loss_backward,
                           (torch.tensor(1.5), logits.detach(), labels, pos_neg, norm, 2.0, 8.0, 0.25, -1))
+    torch.library.opcheck(torch.ops.ltkernels._equalized_focal_loss_fused,
+                          (x, labels, pos_neg, norm, 2.0, 8.0, 0.25, -1))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_pass_step_equals_forward_and_backward(device, dtype):
+    """The training step's one pass (what a loss with grad enabled runs) gives the forward's loss and the backward's
+    gradient and statistics for d(loss) = 1 (its registrations: test_opcheck)."""
+    c = 37
+    logits, labels = make_batch(150, c, device=device, dtype=dtype)
+    pos_neg = torch.rand(c, device=device)
+    norm = torch.tensor(7.0, device=device)
+    args = (labels, pos_neg, norm, 2.0, 8.0, 0.25, -1)
+    loss, grad, pos, neg = torch.ops.ltkernels._equalized_focal_loss_fused(logits, *args)
+    want_grad, want_pos, want_neg = torch.ops.ltkernels._equalized_focal_loss_backward(
+        torch.ones((), device=device, dtype=loss.dtype), logits, *args)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    assert_close(loss, torch.ops.ltkernels.equalized_focal_loss(logits, *args), rtol=tol, atol=0)
+    assert torch.equal(grad, want_grad)
+    assert_close(pos, want_pos, rtol=tol, atol=0)
+    assert_close(neg, want_neg, rtol=tol, atol=0)
+
+
+def test_training_step_equals_inference_loss():
+    """With grad enabled the loss is the one-pass step's, under no_grad the forward kernel's: the same value; the
+    step's backward updates the statistics."""
+    logits, labels = make_batch(40, 6, dtype=torch.float32)
+    mod = ltkernels.EqualizedFocalLoss(6)
+    x = logits.clone().requires_grad_()
+    with torch.no_grad():
+        eval_loss = mod(x, labels)
+    loss = mod(x, labels)
+    assert loss.grad_fn is not None and eval_loss.grad_fn is None
+    assert_close(loss.detach(), eval_loss, rtol=1e-6, atol=0)
+    loss.backward()
+    assert x.grad is not None and (mod.pos_neg < 1).any()
 
 
 def test_checkpoint_resume_continues_statistics(tmp_path):

@@ -204,6 +204,29 @@ def test_opcheck():
                           (x, labels, quality, pos_neg, norm, 2.0, 8.0, -1.0, -1))
     torch.library.opcheck(torch.ops.ltkernels._equalized_quality_focal_loss_backward,
                           (torch.tensor(1.5), logits.detach(), labels, quality, pos_neg, norm, 2.0, 8.0, -1.0, -1))
+    torch.library.opcheck(torch.ops.ltkernels._equalized_quality_focal_loss_fused,
+                          (x, labels, quality, pos_neg, norm, 2.0, 8.0, -1.0, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_step_equals_forward_and_backward(dtype):
+    """The training step's one pass gives the forward's loss and the backward's gradient and statistics for
+    d(loss) = 1 (its registrations: test_opcheck)."""
+    c = 23
+    logits, labels, quality = make_batch(120, c, dtype=dtype)
+    quality = quality.to(dtype)
+    pos_neg = torch.rand(c)
+    norm = torch.tensor(5.0)
+    args = (labels, quality, pos_neg, norm, 2.0, 8.0, -1.0, -1)
+    loss, grad, pos, neg = torch.ops.ltkernels._equalized_quality_focal_loss_fused(logits, *args)
+    want_grad, want_pos, want_neg = torch.ops.ltkernels._equalized_quality_focal_loss_backward(
+        torch.ones((), dtype=loss.dtype), logits, *args)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss, torch.ops.ltkernels.equalized_quality_focal_loss(logits, *args), rtol=tol,
+                               atol=0)
+    assert torch.equal(grad, want_grad)
+    torch.testing.assert_close(pos, want_pos, rtol=tol, atol=0)
+    torch.testing.assert_close(neg, want_neg, rtol=tol, atol=0)
 
 
 def test_state_dict_and_resume(tmp_path):

@@ -1,8 +1,9 @@
 // CPU kernels of the Equalized Focal Loss (docs/spec.md §2) and of the Equalized Quality Focal Loss (the same
 // kernels with a soft target on the positive column: `quality` non-null). Forward: one pass over the logits, partial
 // sums per fixed block of rows, summed in a fixed order (deterministic). Backward: one pass that writes dL/dlogits and
-// accumulates sum |dL/dx| per class into per-chunk [C] partials (double), merged in chunk order. No [N, C]
-// temporary besides the gradient, no one-hot matrix.
+// accumulates sum |dL/dx| per class into per-chunk [C] partials (double), merged in chunk order. The training step
+// (`_equalized_focal_loss_fused`) is that backward pass with grad_loss = 1 that also sums the loss, so a step
+// evaluates the maths once. No [N, C] temporary besides the gradient, no one-hot matrix.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -42,7 +43,12 @@ LTK_ALWAYS_INLINE float fast_loss_term(float z, float gamma, float aw) {
   return aw * ltk::exp_nonpos(-gamma * nlog_qt) * nlog_pt;
 }
 
-LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
+struct LossGrad {
+  float loss, grad;  // the loss term and dL/dz
+};
+
+// The loss term and its gradient together: they share the exp, the log1p and the power.
+LTK_ALWAYS_INLINE LossGrad fast_loss_grad_z(float z, float gamma, float aw) {
   const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
   const float l1 = ltk::log1p_unit(e);
   const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
@@ -52,7 +58,8 @@ LTK_ALWAYS_INLINE float fast_grad_z(float z, float gamma, float aw) {
   const bool nonneg = z >= 0.0f;
   const float pt = nonneg ? r : er;
   const float qt = nonneg ? er : r;
-  return -aw * ltk::exp_nonpos(-gamma * nlog_qt) * (gamma * pt * nlog_pt + qt);
+  const float wq = aw * ltk::exp_nonpos(-gamma * nlog_qt);
+  return {wq * nlog_pt, -wq * (gamma * pt * nlog_pt + qt)};
 }
 
 // Sum of the loss terms of x[0..m) as negatives (z = -x).
@@ -64,16 +71,22 @@ LTK_CPU_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __re
   return s;
 }
 
-// dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to sums.
-LTK_CPU_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                 const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
-                                 double* __restrict__ sums) {
-#pragma omp simd
+// dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to sums (float partials of a few rows,
+// which the caller adds into double ones: 8 lanes, no conversion per element). Returns the sum of their
+// loss terms (the one-pass training step; a backward alone ignores it).
+LTK_CPU_CLONES float neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                  const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
+                                  float* __restrict__ sums) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < m; ++j) {
-    const float v = -fast_grad_z(-x[j], gamma[j], aw[j]) * gscale;
+    const LossGrad t = fast_loss_grad_z(-x[j], gamma[j], aw[j]);
+    const float v = -t.grad * gscale;
     g[j] = v;
-    sums[j] += static_cast<double>(__builtin_fabsf(v));
+    sums[j] += __builtin_fabsf(v);
+    s += t.loss;
   }
+  return s;
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
@@ -161,59 +174,84 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality,
   return total;
 }
 
+// Adds the float partials f[0..c) into d and clears them.
+LTK_CPU_CLONES void flush_partials(float* __restrict__ f, double* __restrict__ d, int64_t c) {
+  for (int64_t j = 0; j < c; ++j) {
+    d[j] += static_cast<double>(f[j]);
+    f[j] = 0.0f;
+  }
+}
+
+// row_loss: nullptr, or [n] that receives each row's loss (unnormalised; the one-pass training step).
 template <typename scalar_t, typename acc>
 void backward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, scalar_t* gx, int64_t n, int64_t c,
-                     const ClassWeights<acc>& cw, int64_t ignore_index, acc gscale, acc* pos_out, acc* neg_out) {
+                     const ClassWeights<acc>& cw, int64_t ignore_index, acc gscale, acc* pos_out, acc* neg_out,
+                     double* row_loss) {
   // Fixed chunking (one chunk per thread at most): each chunk sums its rows in order into its own [2, C] partials,
   // merged in chunk order, so the statistics are reproducible for a given thread count.
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ltk::ceil_div(n, 64)));
   std::vector<double> part(static_cast<size_t>(nchunks) * 2 * c, 0.0);
   const acc* gamma = cw.gamma.data();
   const acc* awn = cw.aw_neg.data();
+  constexpr int64_t kFlushRows = 32;  // rows whose |g| are summed in float before they join the double partials
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c), gbuf(std::is_same_v<scalar_t, float> ? 0 : c);
+    std::vector<float> negf(std::is_same_v<acc, float> ? c : 0, 0.0f);
     for (int64_t k = c0; k < c1; ++k) {
       double* pos = part.data() + k * 2 * c;
       double* neg = pos + c;
-      for (int64_t i = n * k / nchunks; i < n * (k + 1) / nchunks; ++i) {
+      const int64_t i0 = n * k / nchunks, i1 = n * (k + 1) / nchunks;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (!negf.empty() && (i - i0) % kFlushRows == 0 && i > i0) flush_partials(negf.data(), neg, c);
         const int64_t y = lab[i];
         scalar_t* grow = gx + i * c;
         if (y == ignore_index) {
           std::fill(grow, grow + c, scalar_t(0));
+          if (row_loss) row_loss[i] = 0.0;
           continue;
         }
         TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
                     " (ignored), found ", y);
         const scalar_t* row = x + i * c;
         const int64_t jp = y - 1;
+        acc s = 0;                                      // the row's loss, summed as forward_kernel sums it
         auto negatives = [&](int64_t j0, int64_t j1) {  // dz/dx = -1
           if constexpr (std::is_same_v<scalar_t, float>) {
-            neg_grad_f32(row + j0, gamma + j0, awn + j0, j1 - j0, gscale, grow + j0, neg + j0);
+            s += neg_grad_f32(row + j0, gamma + j0, awn + j0, j1 - j0, gscale, grow + j0, negf.data() + j0);
           } else if constexpr (std::is_same_v<acc, float>) {  // float16/bfloat16 through float row buffers
             for (int64_t j = j0; j < j1; ++j) xbuf[j] = static_cast<float>(row[j]);
-            neg_grad_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0, gscale, gbuf.data() + j0, neg + j0);
+            s += neg_grad_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0, gscale, gbuf.data() + j0,
+                              negf.data() + j0);
             for (int64_t j = j0; j < j1; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
           } else {
             for (int64_t j = j0; j < j1; ++j) {
-              const acc g = -grad_z<acc>(-static_cast<acc>(row[j]), gamma[j], awn[j]) * gscale;
+              const acc z = -static_cast<acc>(row[j]);
+              const acc g = -grad_z<acc>(z, gamma[j], awn[j]) * gscale;
               grow[j] = static_cast<scalar_t>(g);
               neg[j] += static_cast<double>(std::abs(g));
+              if (row_loss) s += loss_term<acc>(z, gamma[j], awn[j]);
             }
           }
         };
         if (jp >= 0) {
           negatives(0, jp);
           const acc xp = static_cast<acc>(row[jp]);  // dz/dx = +1
-          const acc g = (quality ? quality_grad_x<acc>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
+          const acc q = quality ? row_quality(quality, i) : acc(0);
+          const acc g = (quality ? quality_grad_x<acc>(xp, q, gamma[jp], cw.aw_pos[jp])
                                  : grad_z<acc>(xp, gamma[jp], cw.aw_pos[jp])) *
                         gscale;
           grow[jp] = static_cast<scalar_t>(g);
           pos[jp] += static_cast<double>(std::abs(g));
+          if (row_loss)
+            s += quality ? quality_loss_term<acc>(xp, q, gamma[jp], cw.aw_pos[jp])
+                         : loss_term<acc>(xp, gamma[jp], cw.aw_pos[jp]);
           negatives(jp + 1, c);
         } else {
           negatives(0, c);
         }
+        if (row_loss) row_loss[i] = static_cast<double>(s);
       }
+      if (!negf.empty()) flush_partials(negf.data(), neg, c);
     }
   });
   at::parallel_for(0, c, 256, [&](int64_t j0, int64_t j1) {
@@ -251,22 +289,20 @@ at::Tensor forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const
   return at::scalar_tensor(total / norm, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+// The backward (grad_loss given) or the one-pass training step (grad_loss = 1, and the loss: `loss` non-null).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_cpu(double g0, const at::Tensor& logits,
                                                             const at::Tensor& labels, const at::Tensor& quality,
-                                                            const at::Tensor& pos_neg, const at::Tensor& normalizer,
-                                                            double gamma_b, double scale, double alpha,
-                                                            int64_t ignore_index) {
-  ltk::equalized_focal_loss::check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, at::kCPU);
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+                                                            const at::Tensor& pos_neg, double norm, double gamma_b,
+                                                            double scale, double alpha, int64_t ignore_index,
+                                                            double* loss) {
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
   auto lab = labels.to(at::kLong).contiguous();
-  const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
-  const double g0 = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
   auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
   ltk::cpu::advise_huge_pages(grad);
   auto pos = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
   auto neg = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
+  std::vector<double> row_loss(loss ? n : 0);
   LTK_DISPATCH_FLOATING(x.scalar_type(), "_equalized_focal_loss_backward_cpu", [&] {
     using acc = ltk::acc_t<scalar_t>;
     if (n > 0 && c > 0) {
@@ -275,12 +311,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       backward_kernel<scalar_t, acc>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
                                      q.defined() ? q.const_data_ptr<acc>() : nullptr, grad.data_ptr<scalar_t>(), n, c,
                                      cw, ignore_index, static_cast<acc>(g0 / norm), pos.data_ptr<acc>(),
-                                     neg.data_ptr<acc>());
+                                     neg.data_ptr<acc>(), loss ? row_loss.data() : nullptr);
     }
   });
+  if (loss) {  // summed in forward_kernel's order: rows in blocks of 32, blocks in order
+    constexpr int64_t kRows = 32;
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += kRows) {
+      double sum = 0.0;
+      for (int64_t i = b; i < std::min(n, b + kRows); ++i) sum += row_loss[i];
+      total += sum;
+    }
+    *loss = total;
+  }
   return {grad, pos, neg};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                            const at::Tensor& labels, const at::Tensor& quality,
+                                                            const at::Tensor& pos_neg, const at::Tensor& normalizer,
+                                                            double gamma_b, double scale, double alpha,
+                                                            int64_t ignore_index) {
+  ltk::equalized_focal_loss::check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, at::kCPU);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
+  const double g0 = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
+  return gradient_cpu(g0, logits, labels, quality, pos_neg, norm, gamma_b, scale, alpha, ignore_index, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                                     const at::Tensor& quality,
+                                                                     const at::Tensor& pos_neg,
+                                                                     const at::Tensor& normalizer, double gamma_b,
+                                                                     double scale, double alpha, int64_t ignore_index) {
+  ltk::equalized_focal_loss::check_inputs(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, at::kCPU);
+  const double norm = normalizer.to(at::kCPU).to(at::kDouble).item<double>();
+  double total = 0.0;
+  auto [grad, pos, neg] =
+      gradient_cpu(1.0, logits, labels, quality, pos_neg, norm, gamma_b, scale, alpha, ignore_index, &total);
+  auto loss = at::scalar_tensor(total / norm, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
+  return {loss, grad, pos, neg};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ltkernels, CPU, m) { ltk::equalized_focal_loss::register_kernels<&forward_cpu, &backward_cpu>(m); }
+TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
+  ltk::equalized_focal_loss::register_kernels<&forward_cpu, &backward_cpu, &fused_cpu>(m);
+}

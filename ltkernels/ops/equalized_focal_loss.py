@@ -32,7 +32,7 @@ from .._validate import (
     refuse_double_backward,
     to_background_first,
 )
-from .loss_common import accumulate_statistics, as_normalizer, distributed
+from .loss_common import accumulate_statistics, as_normalizer, distributed, register_saved_gradient_autograd
 
 __all__ = ["equalized_focal_loss", "EqualizedFocalLoss"]
 
@@ -121,6 +121,21 @@ if has_op(_OP):
         return grad_logits, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ltkernels::equalized_focal_loss", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("ltkernels::_equalized_focal_loss_fused")
+    def _(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad=None, neg_grad=None):
+        fake_check_inputs(logits, labels, pos_neg, normalizer)
+        return fake_fused_outputs(logits)
+
+    register_saved_gradient_autograd("_equalized_focal_loss_fused", 10, (
+        lambda inputs: None if inputs[8] is None else (inputs[8], inputs[9], inputs[2]), _accumulate))
+
+
+def fake_fused_outputs(logits):
+    """(loss, grad_logits, pos_step, neg_step) of the one-pass training step."""
+    acc, c = acc_dtype(logits.dtype), logits.shape[1]
+    return (logits.new_empty((), dtype=acc), torch.empty_like(logits, memory_format=torch.contiguous_format),
+            logits.new_empty((c,), dtype=acc), logits.new_empty((c,), dtype=acc))
 
 
 def check_params(gamma_b: float, scale: float, alpha: float, ignore_index: int, num_classes: int) -> None:
@@ -224,6 +239,10 @@ def equalized_focal_loss(logits: Tensor, labels: Tensor, pos_neg: Optional[Tenso
     """
     labels, pos_neg, normalizer = _prepare(logits, labels, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index,
                                            pos_grad, neg_grad, validate, label_layout)
+    if logits.requires_grad and torch.is_grad_enabled():  # a training step: loss and gradient in one pass
+        return torch.ops.ltkernels._equalized_focal_loss_fused(logits, labels, pos_neg, normalizer, float(gamma_b),
+                                                               float(scale), float(alpha), int(ignore_index),
+                                                               pos_grad, neg_grad)[0]
     return torch.ops.ltkernels.equalized_focal_loss(logits, labels, pos_neg, normalizer, float(gamma_b),
                                                     float(scale), float(alpha), int(ignore_index), pos_grad, neg_grad)
 

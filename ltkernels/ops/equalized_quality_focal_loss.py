@@ -27,7 +27,15 @@ from .._validate import (
     floating_dtypes,
     refuse_double_backward,
 )
-from .equalized_focal_loss import EqualizedFocalLoss, _accumulate, _prepare, check_unit_interval, fake_check_inputs
+from .equalized_focal_loss import (
+    EqualizedFocalLoss,
+    _accumulate,
+    _prepare,
+    check_unit_interval,
+    fake_check_inputs,
+    fake_fused_outputs,
+)
+from .loss_common import register_saved_gradient_autograd
 
 __all__ = ["equalized_quality_focal_loss", "EqualizedQualityFocalLoss"]
 
@@ -68,6 +76,15 @@ if has_op(_OP):
     torch.library.register_autograd("ltkernels::equalized_quality_focal_loss", _backward,
                                     setup_context=_setup_context)
 
+    @torch.library.register_fake("ltkernels::_equalized_quality_focal_loss_fused")
+    def _(logits, labels, quality, pos_neg, normalizer, gamma_b, scale, alpha, ignore_index, pos_grad=None,
+          neg_grad=None):
+        fake_check_inputs(logits, labels, pos_neg, normalizer, quality)
+        return fake_fused_outputs(logits)
+
+    register_saved_gradient_autograd("_equalized_quality_focal_loss_fused", 11, (
+        lambda inputs: None if inputs[9] is None else (inputs[9], inputs[10], inputs[3]), _accumulate))
+
 
 def equalized_quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, pos_neg: Optional[Tensor] = None,
                                  normalizer: Optional[Union[float, Tensor]] = None, gamma_b: float = 2.0,
@@ -99,6 +116,10 @@ def equalized_quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor
     if validate:
         positive = (labels > 0) & (labels != ignore_index)
         check_unit_interval("quality of the positive rows", quality.detach(), positive)
+    if logits.requires_grad and torch.is_grad_enabled():  # a training step: loss and gradient in one pass
+        return torch.ops.ltkernels._equalized_quality_focal_loss_fused(
+            logits, labels, quality.detach(), pos_neg, normalizer, float(gamma_b), float(scale), float(alpha),
+            int(ignore_index), pos_grad, neg_grad)[0]
     return torch.ops.ltkernels.equalized_quality_focal_loss(
         logits, labels, quality.detach(), pos_neg, normalizer, float(gamma_b), float(scale), float(alpha),
         int(ignore_index), pos_grad, neg_grad)

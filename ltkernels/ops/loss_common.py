@@ -88,24 +88,36 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, vali
         raise ArgumentTypeError(f"labels must be int64 or int32, got {dtype_name(labels.dtype)}")
 
 
-def register_saved_gradient_autograd(op: str, num_inputs: int) -> None:
+def register_saved_gradient_autograd(op: str, num_inputs: int, statistics=None) -> None:
     """Autograd of a loss op whose outputs are (loss, dL/dlogits computed with d(loss) = 1, statistics...) and whose
     first input is the logits: the backward scales the saved gradient by the upstream one (or hands it over as it is
-    when that is 1 and readable: no pass); the other outputs are not differentiable."""
+    when that is 1 and readable: no pass); the other outputs are not differentiable.
+
+    statistics: None, or (buffers, accumulate) for statistics taken from the gradient that reaches the logits (EFL):
+    outputs 2 and 3 are then the per-class steps for d(loss) = 1, which the backward scales by |d(loss)| and adds
+    with accumulate(*buffers(inputs), pos_step, neg_step) when buffers(inputs) is not None."""
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
+        ctx.save_for_backward(*output[1:4] if statistics is not None else output[1:2])
+        ctx.buffers = statistics[0](inputs) if statistics is not None else None
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # else autograd fills an [N, K] zero gradient for the unused outputs
 
     def backward(ctx, grad_loss, *unused):
         refuse_double_backward(op)
-        (grad,) = ctx.saved_tensors
+        grad = ctx.saved_tensors[0]
         rest = (None,) * (num_inputs - 1)
         if grad_loss is None:
             return (None,) + rest
-        if can_read_values(grad) and can_read_values(grad_loss) and bool(grad_loss == 1):
-            return (grad,) + rest  # the saved gradient as it is: no pass
-        return (grad * grad_loss.to(grad.dtype),) + rest
+        unit = can_read_values(grad) and can_read_values(grad_loss) and bool(grad_loss == 1)
+        if not unit:  # in the loss's (accumulation) type, then rounded once to the logits' type
+            grad = (grad.to(grad_loss.dtype) * grad_loss).to(grad.dtype)
+        if ctx.buffers is not None:
+            pos_step, neg_step = ctx.saved_tensors[1], ctx.saved_tensors[2]
+            if not unit:
+                scale = grad_loss.abs().to(pos_step.dtype)
+                pos_step, neg_step = pos_step * scale, neg_step * scale
+            statistics[1](*ctx.buffers, pos_step, neg_step)
+        return (grad,) + rest
 
     torch.library.register_autograd(f"ltkernels::{op}", backward, setup_context=setup_context)
