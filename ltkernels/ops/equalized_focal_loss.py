@@ -128,7 +128,8 @@ if has_op(_OP):
         return fake_fused_outputs(logits)
 
     register_saved_gradient_autograd("_equalized_focal_loss_fused", 10, (
-        lambda inputs: None if inputs[8] is None else (inputs[8], inputs[9], inputs[2]), _accumulate))
+        lambda inputs: None if inputs[8] is None else (inputs[8], inputs[9], inputs[2]), _accumulate),
+        name="equalized_focal_loss")
 
 
 def fake_fused_outputs(logits):

@@ -83,7 +83,8 @@ if has_op(_OP):
         return fake_fused_outputs(logits)
 
     register_saved_gradient_autograd("_equalized_quality_focal_loss_fused", 11, (
-        lambda inputs: None if inputs[9] is None else (inputs[9], inputs[10], inputs[3]), _accumulate))
+        lambda inputs: None if inputs[9] is None else (inputs[9], inputs[10], inputs[3]), _accumulate),
+        name=_OP)
 
 
 def equalized_quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, pos_neg: Optional[Tensor] = None,

@@ -88,14 +88,15 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, vali
         raise ArgumentTypeError(f"labels must be int64 or int32, got {dtype_name(labels.dtype)}")
 
 
-def register_saved_gradient_autograd(op: str, num_inputs: int, statistics=None) -> None:
+def register_saved_gradient_autograd(op: str, num_inputs: int, statistics=None, name: Optional[str] = None) -> None:
     """Autograd of a loss op whose outputs are (loss, dL/dlogits computed with d(loss) = 1, statistics...) and whose
     first input is the logits: the backward scales the saved gradient by the upstream one (or hands it over as it is
     when that is 1 and readable: no pass); the other outputs are not differentiable.
 
     statistics: None, or (buffers, accumulate) for statistics taken from the gradient that reaches the logits (EFL):
     outputs 2 and 3 are then the per-class steps for d(loss) = 1, which the backward scales by |d(loss)| and adds
-    with accumulate(*buffers(inputs), pos_step, neg_step) when buffers(inputs) is not None."""
+    with accumulate(*buffers(inputs), pos_step, neg_step) when buffers(inputs) is not None.
+    name: the loss's name in errors (default: op)."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:4] if statistics is not None else output[1:2])
@@ -104,7 +105,7 @@ def register_saved_gradient_autograd(op: str, num_inputs: int, statistics=None) 
         ctx.set_materialize_grads(False)  # else autograd fills an [N, K] zero gradient for the unused outputs
 
     def backward(ctx, grad_loss, *unused):
-        refuse_double_backward(op)
+        refuse_double_backward(name or op)
         grad = ctx.saved_tensors[0]
         rest = (None,) * (num_inputs - 1)
         if grad_loss is None:
