@@ -128,6 +128,30 @@ def test_concurrent_saves_to_one_path(tmp_path):
     assert os.listdir(tmp_path) == ["ck.pt"]
 
 
+def test_ranks_preparing_one_folder_at_once(tmp_path, monkeypatch):
+    """Under torchrun every rank probes the folder while rank 0 sweeps stale temporaries: each of the two
+    interleavings (rank 0 sweeps rank 1's live probe; rank 1 removes its probe after rank 0 listed it) passes."""
+    from ltkernels.models.engine import run
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    mkstemp = run.tempfile.mkstemp
+
+    def probe_then_sweep(*args, **kw):  # rank 0 sweeps between rank 1's probe and its removal
+        fd, path = mkstemp(*args, **kw)
+        run.remove_stale_temporaries(out)
+        return fd, path
+
+    monkeypatch.setattr(run.tempfile, "mkstemp", probe_then_sweep)
+    assert run.prepare(out, None, False, main=False) is None
+    monkeypatch.setattr(run.tempfile, "mkstemp", mkstemp)
+    listed = run.glob.glob
+    monkeypatch.setattr(run.glob, "glob", lambda pattern: listed(pattern) + [pattern.replace("*", "gone")] * (
+        ".write_test" in pattern))
+    assert run.prepare(out, None, False, main=True) is None
+    assert os.listdir(out) == []
+
+
 def test_garbage_and_incompatible_checkpoints(data, tmp_path, capsys):
     base = ["train", "--config", "one_stage_focal", "--ann", data["train_ann"], "--images", data["image_root"],
             "--max-iter", "2", "--batch-size", "4", "--set", "data.min_size=64", "--set", "data.max_size=64"]

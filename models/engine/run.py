@@ -4,6 +4,7 @@ line per iteration and per evaluation) and TensorBoard scalars in `tb/`. A resum
 its checkpoint's iteration, so the folder always holds one continuous history."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -40,7 +41,8 @@ def check_writable(out_dir: str) -> None:
         os.makedirs(out_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=out_dir)
         os.close(fd)
-        os.remove(probe)
+        with contextlib.suppress(FileNotFoundError):  # another rank's prepare may have swept it already
+            os.remove(probe)
     except OSError as err:
         raise RunFolderError(f"--out {out_dir}: cannot write there ({err.strerror or err})") from None
 
@@ -92,9 +94,11 @@ def prepare(out_dir: str, resume: str | None, overwrite: bool, main: bool = True
 
 
 def remove_stale_temporaries(out_dir: str) -> None:
-    """Temporary files a killed save left behind (`<name>.<random>.tmp`; never a finished file)."""
+    """Temporary files a killed save left behind (`<name>.<random>.tmp`; never a finished file). Under torchrun
+    the other ranks' write probes come and go meanwhile: one that is gone already is no error."""
     for path in glob.glob(os.path.join(out_dir, "*.pt.*.tmp")) + glob.glob(os.path.join(out_dir, ".write_test.*")):
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def clear(out_dir: str) -> None:
