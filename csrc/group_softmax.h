@@ -48,14 +48,16 @@ inline void check_loss_args(const at::Tensor& logits, const at::Tensor& labels, 
 // group_softmax_loss's inputs, checked and contiguous, with its outputs allocated on the logits' device:
 // grad [N, K] in the logits' dtype and row_loss [N] in the accumulation dtype (float64 for float64 logits, else
 // float32), summed by loss_result().
-// The caller has checked that logits is 2-D and group_offsets 1-D.
+// The caller has checked that logits is 2-D and group_offsets 1-D. `alloc_grad` (null: a fresh tensor) gives the
+// uninitialised contiguous gradient for the checked logits.
 struct LossArgs {
   at::Tensor logits, labels, selected, scale, label_targets, group_offsets;
   at::Tensor grad, row_loss;
   int64_t N = 0, K = 0, G1 = 0;
 
   LossArgs(const at::Tensor& logits_, const at::Tensor& labels_, const at::Tensor& selected_, const at::Tensor& scale_,
-           const at::Tensor& label_targets_, const at::Tensor& group_offsets_) {
+           const at::Tensor& label_targets_, const at::Tensor& group_offsets_,
+           at::Tensor (*alloc_grad)(const at::Tensor&) = nullptr) {
     check_loss_args(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
     N = logits_.size(0);
     K = logits_.size(1);
@@ -67,7 +69,7 @@ struct LossArgs {
     scale = scale_.contiguous();
     label_targets = label_targets_.contiguous();
     group_offsets = group_offsets_.contiguous();
-    grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    grad = alloc_grad ? alloc_grad(logits) : at::empty_like(logits, at::MemoryFormat::Contiguous);
     row_loss = at::empty({N}, logits.options().dtype(acc_type));
   }
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_slot.h"
 #include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
 #include "fast_math.h"
@@ -35,19 +35,12 @@ using ltk::equalized_focal_loss::quality_loss_term;
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-LTK_ALWAYS_INLINE float fast_loss_term(float z, float gamma, float aw) {
-  const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
-  const float l1 = ltk::log1p_unit(e);
-  const float nlog_pt = (z < 0.0f ? -z : 0.0f) + l1;
-  const float nlog_qt = (z > 0.0f ? z : 0.0f) + l1;
-  return aw * ltk::exp_nonpos(-gamma * nlog_qt) * nlog_pt;
-}
-
 struct LossGrad {
   float loss, grad;  // the loss term and dL/dz
 };
 
-// The loss term and its gradient together: they share the exp, the log1p and the power.
+// The loss term and its gradient together: they share the exp, the log1p and the power (a caller that needs the
+// loss only lets the compiler drop the rest).
 LTK_ALWAYS_INLINE LossGrad fast_loss_grad_z(float z, float gamma, float aw) {
   const float e = ltk::exp_nonpos(z < 0.0f ? z : -z);
   const float l1 = ltk::log1p_unit(e);
@@ -62,30 +55,37 @@ LTK_ALWAYS_INLINE LossGrad fast_loss_grad_z(float z, float gamma, float aw) {
   return {wq * nlog_pt, -wq * (gamma * pt * nlog_pt + qt)};
 }
 
-// Sum of the loss terms of x[0..m) as negatives (z = -x).
-LTK_CPU_CLONES float neg_loss_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                  const float* __restrict__ aw, int64_t m) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < m; ++j) s += fast_loss_term(-x[j], gamma[j], aw[j]);
-  return s;
+// The rows are evaluated whole, every column as a negative, and the caller then puts the positive column's values in
+// place: one vector loop per row with a single remainder, where splitting the row at its positive column would run
+// two loops with two scalar remainders (a tenth of the row at C = 1203).
+
+// The loss terms of x[0..m) as negatives (z = -x) into loss.
+LTK_CPU_CLONES void neg_loss_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                 const float* __restrict__ aw, int64_t m, float* __restrict__ loss) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) loss[j] = fast_loss_grad_z(-x[j], gamma[j], aw[j]).loss;
 }
 
 // dL/dx of x[0..m) as negatives (dz/dx = -1), times gscale, into g; |g| added to sums (float partials of a few rows,
-// which the caller adds into double ones: 8 lanes, no conversion per element). Returns the sum of their
-// loss terms (the one-pass training step; a backward alone ignores it).
-LTK_CPU_CLONES float neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                  const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
-                                  float* __restrict__ sums) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
+// which the caller adds into double ones: 8 lanes, no conversion per element); the loss terms into loss.
+LTK_CPU_CLONES void neg_grad_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                 const float* __restrict__ aw, int64_t m, float gscale, float* __restrict__ g,
+                                 float* __restrict__ sums, float* __restrict__ loss) {
+#pragma omp simd
   for (int64_t j = 0; j < m; ++j) {
     const LossGrad t = fast_loss_grad_z(-x[j], gamma[j], aw[j]);
     const float v = -t.grad * gscale;
     g[j] = v;
     sums[j] += __builtin_fabsf(v);
-    s += t.loss;
+    loss[j] = t.loss;
   }
+}
+
+// The row's loss: its terms summed in a fixed order (lanes, then across them).
+LTK_CPU_CLONES float sum_f32(const float* __restrict__ v, int64_t m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) s += v[j];
   return s;
 }
 #if defined(__GNUC__) && !defined(__clang__)
@@ -122,6 +122,22 @@ acc row_quality(const acc* quality, int64_t i) {
   return q;
 }
 
+// The positive column's loss term and dL/dx (EFL's, or EQFL's with the row's soft target: quality non-null).
+template <typename acc>
+acc positive_loss(acc xp, const acc* quality, int64_t i, acc gamma, acc aw) {
+  return quality ? quality_loss_term<acc>(xp, row_quality(quality, i), gamma, aw) : loss_term<acc>(xp, gamma, aw);
+}
+
+template <typename acc>
+acc positive_grad(acc xp, const acc* quality, int64_t i, acc gamma, acc aw) {
+  return quality ? quality_grad_x<acc>(xp, row_quality(quality, i), gamma, aw) : grad_z<acc>(xp, gamma, aw);
+}
+
+void check_label(int64_t y, int64_t c, int64_t ignore_index) {
+  TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
+              " (ignored), found ", y);
+}
+
 // quality: nullptr for EFL, else [N] soft targets of the positive columns (EQFL).
 template <typename scalar_t, typename acc>
 double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, int64_t n, int64_t c,
@@ -132,37 +148,32 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality,
   const acc* gamma = cw.gamma.data();
   const acc* awn = cw.aw_neg.data();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c);
+    constexpr bool kFloat = std::is_same_v<acc, float>;
+    std::vector<float> xbuf(kFloat && !std::is_same_v<scalar_t, float> ? c : 0), lbuf(kFloat ? c : 0);
     for (int64_t b = b0; b < b1; ++b) {
       double sum = 0.0;
       for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
         const int64_t y = lab[i];
         if (y == ignore_index) continue;
-        TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
-                    " (ignored), found ", y);
+        check_label(y, c, ignore_index);
         const scalar_t* row = x + i * c;
         const int64_t jp = y - 1;  // the positive column, -1 for background
         acc s = 0;
-        auto negatives = [&](int64_t j0, int64_t j1) {
-          if constexpr (std::is_same_v<acc, float>) {
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              s += neg_loss_f32(row + j0, gamma + j0, awn + j0, j1 - j0);
-            } else {  // float16/bfloat16: widen the row first
-              for (int64_t j = j0; j < j1; ++j) xbuf[j] = static_cast<float>(row[j]);
-              s += neg_loss_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0);
-            }
-          } else {
-            for (int64_t j = j0; j < j1; ++j) s += loss_term<acc>(-static_cast<acc>(row[j]), gamma[j], awn[j]);
+        if constexpr (kFloat) {
+          const float* xr;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            xr = row;
+          } else {  // float16/bfloat16: widen the row first
+            for (int64_t j = 0; j < c; ++j) xbuf[j] = static_cast<float>(row[j]);
+            xr = xbuf.data();
           }
-        };
-        if (jp >= 0) {
-          negatives(0, jp);
-          const acc xp = static_cast<acc>(row[jp]);
-          s += quality ? quality_loss_term<acc>(xp, row_quality(quality, i), gamma[jp], cw.aw_pos[jp])
-                       : loss_term<acc>(xp, gamma[jp], cw.aw_pos[jp]);
-          negatives(jp + 1, c);
+          neg_loss_f32(xr, gamma, awn, c, lbuf.data());
+          if (jp >= 0) lbuf[jp] = positive_loss<acc>(xr[jp], quality, i, gamma[jp], cw.aw_pos[jp]);
+          s = sum_f32(lbuf.data(), c);
         } else {
-          negatives(0, c);
+          for (int64_t j = 0; j < c; ++j)
+            s += j == jp ? positive_loss<acc>(static_cast<acc>(row[j]), quality, i, gamma[j], cw.aw_pos[j])
+                         : loss_term<acc>(-static_cast<acc>(row[j]), gamma[j], awn[j]);
         }
         sum += static_cast<double>(s);
       }
@@ -195,14 +206,15 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, 
   const acc* awn = cw.aw_neg.data();
   constexpr int64_t kFlushRows = 32;  // rows whose |g| are summed in float before they join the double partials
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : c), gbuf(std::is_same_v<scalar_t, float> ? 0 : c);
-    std::vector<float> negf(std::is_same_v<acc, float> ? c : 0, 0.0f);
+    constexpr bool kFloat = std::is_same_v<acc, float>, kNarrow = kFloat && !std::is_same_v<scalar_t, float>;
+    std::vector<float> xbuf(kNarrow ? c : 0), gbuf(kNarrow ? c : 0), lbuf(kFloat ? c : 0);
+    std::vector<float> negf(kFloat ? c : 0, 0.0f);
     for (int64_t k = c0; k < c1; ++k) {
       double* pos = part.data() + k * 2 * c;
       double* neg = pos + c;
       const int64_t i0 = n * k / nchunks, i1 = n * (k + 1) / nchunks;
       for (int64_t i = i0; i < i1; ++i) {
-        if (!negf.empty() && (i - i0) % kFlushRows == 0 && i > i0) flush_partials(negf.data(), neg, c);
+        if (kFloat && (i - i0) % kFlushRows == 0 && i > i0) flush_partials(negf.data(), neg, c);
         const int64_t y = lab[i];
         scalar_t* grow = gx + i * c;
         if (y == ignore_index) {
@@ -210,48 +222,53 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, 
           if (row_loss) row_loss[i] = 0.0;
           continue;
         }
-        TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
-                    " (ignored), found ", y);
+        check_label(y, c, ignore_index);
         const scalar_t* row = x + i * c;
         const int64_t jp = y - 1;
-        acc s = 0;                                      // the row's loss, summed as forward_kernel sums it
-        auto negatives = [&](int64_t j0, int64_t j1) {  // dz/dx = -1
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            s += neg_grad_f32(row + j0, gamma + j0, awn + j0, j1 - j0, gscale, grow + j0, negf.data() + j0);
-          } else if constexpr (std::is_same_v<acc, float>) {  // float16/bfloat16 through float row buffers
-            for (int64_t j = j0; j < j1; ++j) xbuf[j] = static_cast<float>(row[j]);
-            s += neg_grad_f32(xbuf.data() + j0, gamma + j0, awn + j0, j1 - j0, gscale, gbuf.data() + j0,
-                              negf.data() + j0);
-            for (int64_t j = j0; j < j1; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
+        if constexpr (kFloat) {
+          const float* xr;
+          float* gr;
+          if constexpr (kNarrow) {  // float16/bfloat16 through float row buffers
+            for (int64_t j = 0; j < c; ++j) xbuf[j] = static_cast<float>(row[j]);
+            xr = xbuf.data();
+            gr = gbuf.data();
           } else {
-            for (int64_t j = j0; j < j1; ++j) {
-              const acc z = -static_cast<acc>(row[j]);
-              const acc g = -grad_z<acc>(z, gamma[j], awn[j]) * gscale;
+            xr = row;
+            gr = grow;
+          }
+          const float kept = jp >= 0 ? negf[jp] : 0.0f;
+          neg_grad_f32(xr, gamma, awn, c, gscale, gr, negf.data(), lbuf.data());
+          if (jp >= 0) {  // the positive column replaces what the row's loop wrote there (dz/dx = +1)
+            negf[jp] = kept;
+            const float g = positive_grad<acc>(xr[jp], quality, i, gamma[jp], cw.aw_pos[jp]) * gscale;
+            gr[jp] = g;
+            pos[jp] += static_cast<double>(std::abs(g));
+            if (row_loss) lbuf[jp] = positive_loss<acc>(xr[jp], quality, i, gamma[jp], cw.aw_pos[jp]);
+          }
+          if constexpr (kNarrow) {
+            for (int64_t j = 0; j < c; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
+          }
+          if (row_loss) row_loss[i] = static_cast<double>(sum_f32(lbuf.data(), c));  // summed as forward_kernel's
+        } else {
+          acc s = 0;
+          for (int64_t j = 0; j < c; ++j) {
+            const acc xj = static_cast<acc>(row[j]);
+            if (j == jp) {  // dz/dx = +1
+              const acc g = positive_grad<acc>(xj, quality, i, gamma[j], cw.aw_pos[j]) * gscale;
+              grow[j] = static_cast<scalar_t>(g);
+              pos[j] += static_cast<double>(std::abs(g));
+              if (row_loss) s += positive_loss<acc>(xj, quality, i, gamma[j], cw.aw_pos[j]);
+            } else {  // dz/dx = -1
+              const acc g = -grad_z<acc>(-xj, gamma[j], awn[j]) * gscale;
               grow[j] = static_cast<scalar_t>(g);
               neg[j] += static_cast<double>(std::abs(g));
-              if (row_loss) s += loss_term<acc>(z, gamma[j], awn[j]);
+              if (row_loss) s += loss_term<acc>(-xj, gamma[j], awn[j]);
             }
           }
-        };
-        if (jp >= 0) {
-          negatives(0, jp);
-          const acc xp = static_cast<acc>(row[jp]);  // dz/dx = +1
-          const acc q = quality ? row_quality(quality, i) : acc(0);
-          const acc g = (quality ? quality_grad_x<acc>(xp, q, gamma[jp], cw.aw_pos[jp])
-                                 : grad_z<acc>(xp, gamma[jp], cw.aw_pos[jp])) *
-                        gscale;
-          grow[jp] = static_cast<scalar_t>(g);
-          pos[jp] += static_cast<double>(std::abs(g));
-          if (row_loss)
-            s += quality ? quality_loss_term<acc>(xp, q, gamma[jp], cw.aw_pos[jp])
-                         : loss_term<acc>(xp, gamma[jp], cw.aw_pos[jp]);
-          negatives(jp + 1, c);
-        } else {
-          negatives(0, c);
+          if (row_loss) row_loss[i] = static_cast<double>(s);
         }
-        if (row_loss) row_loss[i] = static_cast<double>(s);
       }
-      if (!negf.empty()) flush_partials(negf.data(), neg, c);
+      if (kFloat) flush_partials(negf.data(), neg, c);
     }
   });
   at::parallel_for(0, c, 256, [&](int64_t j0, int64_t j1) {
@@ -298,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_cpu(double g0, const at:
   const int64_t n = logits.size(0), c = logits.size(1);
   auto x = logits.contiguous();
   auto lab = labels.to(at::kLong).contiguous();
-  auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
-  ltk::cpu::advise_huge_pages(grad);
+  static ltk::cpu::OutputSlot grad_slot;  // the gradient of the previous step, once autograd has dropped it
+  auto grad = grad_slot.take(x.sizes(), x.scalar_type());
   auto pos = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
   auto neg = at::zeros({c}, logits.options().dtype(ltk::acc_type(logits.scalar_type())));
   std::vector<double> row_loss(loss ? n : 0);

@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "cpu/huge_pages.h"
+#include "cpu/output_slot.h"
 #include "fast_math.h"
 #include "group_softmax.h"
 
@@ -146,13 +147,18 @@ void check_offsets(const at::Tensor& group_offsets, int64_t K) {
   for (int64_t k = 0; k < G1; ++k) TORCH_CHECK(off[k + 1] > off[k], "group_offsets must be strictly increasing");
 }
 
+// The loss's gradient: the previous step's, once autograd has dropped it.
+at::Tensor step_grad(const at::Tensor& logits) {
+  static ltk::cpu::OutputSlot slot;
+  return slot.take(logits.sizes(), logits.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> group_softmax_loss_cpu(const at::Tensor& logits_, const at::Tensor& labels_,
                                                           const at::Tensor& selected_, const at::Tensor& scale_,
                                                           const at::Tensor& label_targets_,
                                                           const at::Tensor& group_offsets_) {
   LTK_CHECK_DEVICES(at::kCPU, logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
-  const ltk::group_softmax::LossArgs a(logits_, labels_, selected_, scale_, label_targets_, group_offsets_);
-  ltk::cpu::advise_huge_pages(a.grad);
+  const ltk::group_softmax::LossArgs a(logits_, labels_, selected_, scale_, label_targets_, group_offsets_, &step_grad);
   check_offsets(a.group_offsets, a.K);
   const int64_t N = a.N, K = a.K, G1 = a.G1;
   if (N == 0) return a.loss_result();

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_slot.h"
 #include "fast_math.h"
 #include "seesaw_loss.h"
 #include "seesaw_loss_math.h"
@@ -162,8 +162,8 @@ std::tuple<at::Tensor, at::Tensor> seesaw_loss_cpu(const at::Tensor& logits, con
   auto lab = labels.to(at::kLong).contiguous();
   auto logn = ltk::seesaw_loss::log_counts(cum_samples, at::kDouble);
   const double norm = normalizer.to(at::kDouble).item<double>();
-  auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
-  ltk::cpu::advise_huge_pages(grad);
+  static ltk::cpu::OutputSlot grad_slot;  // the gradient of the previous step, once autograd has dropped it
+  auto grad = grad_slot.take(x.sizes(), x.scalar_type());
   double total = 0.0;
   LTK_DISPATCH_FLOATING(x.scalar_type(), "seesaw_loss_cpu", [&] {
     total = seesaw_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_slot.h"
 #include "fast_math.h"
 #include "weighted_bce.h"
 #include "weighted_bce_math.h"
@@ -154,8 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_bce_cpu(
   auto lab = labels.to(at::kLong).contiguous();
   auto w = weights.to(at::kDouble).contiguous();
   const double norm = normalizer.to(at::kDouble).item<double>();
-  auto grad = at::empty_like(x, at::MemoryFormat::Contiguous);
-  ltk::cpu::advise_huge_pages(grad);
+  static ltk::cpu::OutputSlot grad_slot;  // the gradient of the previous step, once autograd has dropped it
+  auto grad = grad_slot.take(x.sizes(), x.scalar_type());
   auto steps = at::zeros({2, statistics ? k : 0}, logits.options().dtype(at::kDouble));
   double total = 0.0;
   LTK_DISPATCH_FLOATING(x.scalar_type(), "weighted_bce_cpu", [&] {
