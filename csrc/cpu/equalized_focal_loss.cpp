@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/flush_denormals.h"
 #include "cpu/output_slot.h"
 #include "equalized_focal_loss.h"
 #include "equalized_focal_loss_math.h"
@@ -149,6 +150,7 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality,
   const acc* awn = cw.aw_neg.data();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     constexpr bool kFloat = std::is_same_v<acc, float>;
+    const ltk::cpu::FlushDenormalsIf<kFloat> flush;
     std::vector<float> xbuf(kFloat && !std::is_same_v<scalar_t, float> ? c : 0), lbuf(kFloat ? c : 0);
     for (int64_t b = b0; b < b1; ++b) {
       double sum = 0.0;
@@ -207,6 +209,7 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, 
   constexpr int64_t kFlushRows = 32;  // rows whose |g| are summed in float before they join the double partials
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     constexpr bool kFloat = std::is_same_v<acc, float>, kNarrow = kFloat && !std::is_same_v<scalar_t, float>;
+    const ltk::cpu::FlushDenormalsIf<kFloat> flush;
     std::vector<float> xbuf(kNarrow ? c : 0), gbuf(kNarrow ? c : 0), lbuf(kFloat ? c : 0);
     std::vector<float> negf(kFloat ? c : 0, 0.0f);
     for (int64_t k = c0; k < c1; ++k) {

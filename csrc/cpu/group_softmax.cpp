@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "cpu/huge_pages.h"
+#include "cpu/flush_denormals.h"
 #include "cpu/output_slot.h"
 #include "fast_math.h"
 #include "group_softmax.h"
@@ -123,6 +124,7 @@ void for_each_row(const scalar_t* x, scalar_t* out, int64_t N, int64_t K, int64_
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    const ltk::cpu::FlushDenormalsIf<std::is_same_v<acc, float>> flush;
     std::vector<acc> scratch(K), xs(kWiden ? K : 0), os(kWiden ? W : 0);
     for (int64_t i = b; i < e; ++i) {
       const scalar_t* xi = x + i * K;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/flush_denormals.h"
 #include "cpu/output_slot.h"
 #include "fast_math.h"
 #include "seesaw_loss.h"
@@ -124,6 +125,7 @@ double seesaw_kernel(const scalar_t* x, const int64_t* lab, scalar_t* grad, int6
   std::vector<double> partial(nblocks, 0.0);
   const acc gscale = static_cast<acc>(inv_norm);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const ltk::cpu::FlushDenormalsIf<std::is_same_v<acc, float>> flush;
     std::vector<acc> xs(kWiden ? k : 0), gs(kWiden ? k : 0);
     for (int64_t b = b0; b < b1; ++b) {
       double sum = 0.0;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/flush_denormals.h"
 #include "cpu/output_slot.h"
 #include "fast_math.h"
 #include "weighted_bce.h"
@@ -104,6 +105,7 @@ double bce_kernel(const scalar_t* x, const int64_t* lab, scalar_t* grad, int64_t
   std::vector<double> part(stats ? static_cast<size_t>(nchunks) * 2 * k : 0, 0.0);
   std::vector<double> row_loss(n, 0.0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    const ltk::cpu::FlushDenormalsIf<std::is_same_v<acc, float>> flush;
     std::vector<acc> xs(kWiden ? k : 0), gs(kWiden ? k : 0);
     for (int64_t ch = c0; ch < c1; ++ch) {
       double* pos = stats ? part.data() + ch * 2 * k : nullptr;
