@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "cpu/output_slot.h"
+
 #ifdef LTK_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -45,4 +47,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ltkernels compiled ops (registered as torch.ops.ltkernels.*)";
   m.def("build_info", &build_info, "How this library was built: versions, CUDA on/off, architectures.");
+  m.def("release_cpu_buffers", &ltk::cpu::release_output_slots,
+        "Frees the CPU gradients the losses keep for reuse (csrc/cpu/output_slot.h); returns their bytes.");
 }

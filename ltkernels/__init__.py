@@ -3,7 +3,7 @@
 Every public function calls one registered op, `torch.ops.ltkernels.<name>`, which the dispatcher sends to the CPU
 or CUDA kernel; fake-tensor and autograd registrations live beside each op in `ltkernels/ops/`.
 """
-from ._ext import LibraryMismatchError, build_info, has_cuda_kernels
+from ._ext import LibraryMismatchError, build_info, has_cuda_kernels, release_cpu_buffers
 from ._validate import ArgumentTypeError, ArgumentValueError, BoxesShapeError
 from .ops import eqlv2_loss as _eqlv2
 from .ops import equalized_focal_loss as _efl
@@ -29,6 +29,6 @@ from .torchvision_compat import TorchvisionPatch, patch_torchvision
 
 __version__ = build_info()["version"]
 
-__all__ = ["build_info", "has_cuda_kernels", "LibraryMismatchError", "__version__", "ArgumentTypeError",
+__all__ = ["build_info", "has_cuda_kernels", "release_cpu_buffers", "LibraryMismatchError", "__version__", "ArgumentTypeError",
            "ArgumentValueError", "BoxesShapeError", "patch_torchvision", "TorchvisionPatch", *_efl.__all__,
            *_eqfl.__all__, *_eqlv2.__all__, *_fed.__all__, *_seesaw.__all__, *_gs.__all__, *_nms.__all__, *_pm.__all__, *_pl.__all__, *_ra.__all__]

@@ -74,6 +74,14 @@ def has_cuda_kernels() -> bool:
     return bool(_BUILD["cuda"])
 
 
+def release_cpu_buffers() -> int:
+    """Free the CPU gradients that the losses keep for reuse between training steps (one per loss, the size in use;
+    a step's gradient above 32 MiB reuses the previous one's memory once nothing references it, which saves its page
+    faults). For a process that has trained and goes on to other work; the next step allocates afresh. Returns the
+    bytes released (0 for those still in use by a tensor, which free with it)."""
+    return int(_C.release_cpu_buffers())
+
+
 def has_op(name: str) -> bool:
     """Whether the loaded library defines torch.ops.ltkernels.<name> (a developer build may hold only some ops)."""
     return bool(torch._C._jit_get_schemas_for_operator(f"ltkernels::{name}"))

@@ -97,3 +97,16 @@ def test_other_sizes_and_dtypes_get_their_own_gradient():
     gd = torch.autograd.grad(ltkernels.equalized_focal_loss(xd, torch.randint(0, C + 1, (N // 2 + 8,))), xd)[0]
     assert gd.dtype == torch.float64 and gd.data_ptr() != g.data_ptr() and torch.isfinite(gd).all()
     del ptr
+
+
+def test_release_cpu_buffers_frees_what_the_slots_keep():
+    grad = _grad("equalized_focal_loss", 0)
+    want = grad.clone()
+    nbytes = grad.nbytes
+    ltkernels.release_cpu_buffers()  # `grad` is still in use: it keeps its memory (and its values)
+    assert torch.equal(grad, want)
+    del grad
+    _grad("equalized_focal_loss", 0)  # dropped at once: kept by the slot, referenced by nothing else
+    assert ltkernels.release_cpu_buffers() >= nbytes
+    assert ltkernels.release_cpu_buffers() == 0
+    assert torch.equal(_grad("equalized_focal_loss", 0), want)

@@ -6,7 +6,8 @@
 // storage of the output it last handed out and hands it out again once the slot holds its only reference (no tensor,
 // view or weak reference left anywhere), so a buffer is never shared; otherwise it allocates afresh (huge pages
 // advised) and keeps that one instead. What it keeps between calls is one output of the size in use, freed when a
-// call needs another size or dtype.
+// call needs another size or dtype, or by `release_output_slots` (`ltkernels.release_cpu_buffers()`, for a process
+// that trained and goes on to other work).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,13 +15,34 @@
 
 #include <atomic>
 #include <mutex>
+#include <vector>
 
 #include "cpu/huge_pages.h"
 
 namespace ltk::cpu {
 
+class OutputSlot;
+
+// Every slot of the library (a slot is a function-local static: it lives until the process ends).
+struct SlotRegistry {
+  std::mutex mu;
+  std::vector<OutputSlot*> slots;
+};
+inline SlotRegistry& slot_registry() {
+  static SlotRegistry* r = new SlotRegistry;  // never destroyed: slots may outlive any static destructor order
+  return *r;
+}
+
 class OutputSlot {
  public:
+  OutputSlot() {
+    SlotRegistry& r = slot_registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    r.slots.push_back(this);
+  }
+  OutputSlot(const OutputSlot&) = delete;
+  OutputSlot& operator=(const OutputSlot&) = delete;
+
   // An uninitialised contiguous CPU tensor of `sizes` and `dtype`: the caller writes every element.
   at::Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
     const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
@@ -40,11 +62,28 @@ class OutputSlot {
     return fresh;
   }
 
+  // Drops the kept storage (freed now unless a tensor still uses it); returns its bytes.
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t bytes = kept_ && kept_.use_count() == 1 ? kept_->nbytes() : 0;  // else it frees with its tensor
+    kept_.reset();
+    return bytes;
+  }
+
  private:
   static constexpr size_t kMinBytes = size_t{32} << 20;
   std::mutex mu_;
   c10::intrusive_ptr<c10::StorageImpl> kept_;
   at::ScalarType kept_dtype_ = at::kFloat;
 };
+
+// Releases what every slot keeps; returns the bytes they held.
+inline size_t release_output_slots() {
+  SlotRegistry& r = slot_registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  size_t bytes = 0;
+  for (OutputSlot* s : r.slots) bytes += s->release();
+  return bytes;
+}
 
 }  // namespace ltk::cpu
