@@ -51,6 +51,12 @@ constexpr at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A loss kernel's label check of one row (background-first layout: 0 = background, 1..c the classes).
+inline void check_label(int64_t y, int64_t c, int64_t ignore_index) {
+  TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
+              " (ignored), found ", y);
+}
+
 inline void check_devices(c10::DeviceType type, std::initializer_list<at::Tensor> ts) {
   const at::Tensor& first = *ts.begin();
   TORCH_CHECK(first.device().type() == type, "the inputs must be ", type, " tensors, got one on ", first.device());

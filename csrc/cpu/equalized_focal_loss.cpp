@@ -134,11 +134,6 @@ acc positive_grad(acc xp, const acc* quality, int64_t i, acc gamma, acc aw) {
   return quality ? quality_grad_x<acc>(xp, row_quality(quality, i), gamma, aw) : grad_z<acc>(xp, gamma, aw);
 }
 
-void check_label(int64_t y, int64_t c, int64_t ignore_index) {
-  TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
-              " (ignored), found ", y);
-}
-
 // quality: nullptr for EFL, else [N] soft targets of the positive columns (EQFL).
 template <typename scalar_t, typename acc>
 double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, int64_t n, int64_t c,
@@ -157,7 +152,7 @@ double forward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality,
       for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
         const int64_t y = lab[i];
         if (y == ignore_index) continue;
-        check_label(y, c, ignore_index);
+        ltk::check_label(y, c, ignore_index);
         const scalar_t* row = x + i * c;
         const int64_t jp = y - 1;  // the positive column, -1 for background
         acc s = 0;
@@ -225,7 +220,7 @@ void backward_kernel(const scalar_t* x, const int64_t* lab, const acc* quality, 
           if (row_loss) row_loss[i] = 0.0;
           continue;
         }
-        check_label(y, c, ignore_index);
+        ltk::check_label(y, c, ignore_index);
         const scalar_t* row = x + i * c;
         const int64_t jp = y - 1;
         if constexpr (kFloat) {

@@ -136,8 +136,7 @@ double seesaw_kernel(const scalar_t* x, const int64_t* lab, scalar_t* grad, int6
           std::fill(gi, gi + k, scalar_t(0));
           continue;
         }
-        TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
-                    " (ignored), found ", y);
+        ltk::check_label(y, c, ignore_index);
         const scalar_t* xi = x + i * k;
         if constexpr (kWiden) {
           for (int64_t j = 0; j < k; ++j) xs[j] = static_cast<acc>(xi[j]);

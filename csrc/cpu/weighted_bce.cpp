@@ -117,8 +117,7 @@ double bce_kernel(const scalar_t* x, const int64_t* lab, scalar_t* grad, int64_t
           std::fill(gi, gi + k, scalar_t(0));
           continue;
         }
-        TORCH_CHECK(y >= 0 && y <= c, "labels must lie in 0..", c, " (0 = background) or be ", ignore_index,
-                    " (ignored), found ", y);
+        ltk::check_label(y, c, ignore_index);
         const int64_t jp = y > 0 ? y - 1 : (background_column ? k - 1 : -1);
         const scalar_t* xi = x + i * k;
         if constexpr (kWiden) {
