@@ -21,6 +21,7 @@
 #include "cpu/huge_pages.h"
 #include "cpu/flush_denormals.h"
 #include "cpu/output_slot.h"
+#include "cpu/prefetch.h"
 #include "fast_math.h"
 #include "group_softmax.h"
 
@@ -117,7 +118,7 @@ void scores_row(const double* x, double* p, double* out, int64_t G1, const int64
 
 // fn(i, x_i, out_i, scratch) for the rows i of x [N, K] in parallel, on rows of the accumulation type acc: float32
 // and float64 rows in place, float16/bfloat16 rows widened into a per-thread float row, with the [W] output row
-// narrowed back into out [N, W]. scratch: a per-thread [K] row of acc.
+// narrowed back into out [N, W]. scratch: a per-thread [K] row of acc. Each row prefetches the next one's logits.
 template <typename scalar_t, typename F>
 void for_each_row(const scalar_t* x, scalar_t* out, int64_t N, int64_t K, int64_t W, const F& fn) {
   using acc = ltk::acc_t<scalar_t>;
@@ -129,6 +130,7 @@ void for_each_row(const scalar_t* x, scalar_t* out, int64_t N, int64_t K, int64_
     for (int64_t i = b; i < e; ++i) {
       const scalar_t* xi = x + i * K;
       scalar_t* oi = out + i * W;
+      if (i + 1 < e) ltk::cpu::prefetch_row(xi + K, K);
       if constexpr (kWiden) {
         for (int64_t j = 0; j < K; ++j) xs[j] = static_cast<acc>(xi[j]);
         fn(i, xs.data(), os.data(), scratch.data());

@@ -282,7 +282,8 @@ def _select(valid: Tensor, counts: Tensor, positive: Tensor, ratio: float,
     The draw: one uniform permutation of all G * N (group, row) pairs; the relative order of each group's pairs in
     it is a uniform permutation of that group's rows, independent across groups, so the first k_g eligible rows of
     group g in that order are a uniform k_g-subset (exact: no ties, no sort). The rank of each pair among its
-    group's eligible pairs comes from one cumsum over a [G, G * N] indicator."""
+    group's eligible pairs comes from one cumsum over a [G, G * N] indicator, compared with k_g in place (no
+    gathers of k or of the ranks: these index ops dominate the draw's time on CPU)."""
     G, N = positive.shape
     n_pos = counts[1:G + 1]
     n_valid = N - counts[G + 1]
@@ -294,12 +295,12 @@ def _select(valid: Tensor, counts: Tensor, positive: Tensor, ratio: float,
     else:
         k = torch.minimum(torch.floor(n_pos.double() * ratio), n_elig.double()).long()      # [G]
         perm = torch.randperm(G * N, generator=generator, device=valid.device)
-        gid = perm // N                                                   # group of each permuted pair
-        e = eligible.reshape(-1)[perm]                                    # eligibility in permuted order
         ids = torch.arange(G, device=valid.device)
-        rank = ((ids[:, None] == gid[None, :]) & e[None, :]).cumsum(1, dtype=torch.int32)
-        rank = rank.gather(0, gid[None, :]).squeeze(0)
-        chosen = e & (rank <= k[gid])
+        # the group of each eligible pair, -1 for the others, then in permuted order
+        code = torch.where(eligible, ids[:, None], -1).reshape(-1).index_select(0, perm)
+        member = code[None, :] == ids[:, None]                            # [G, G * N]: pair t is g's, eligible
+        rank = member.cumsum(1, dtype=torch.int32)
+        chosen = (member & (rank <= k[:, None].to(torch.int32))).any(0)
         others = torch.zeros(G * N, dtype=torch.bool, device=valid.device).scatter_(0, perm, chosen).view(G, N)
     selected = torch.cat([valid[None, :], positive | others], dim=0)      # [G + 1, N]
     count = torch.cat([n_valid.view(1), torch.where(n_pos > 0, n_pos + k, 0)])
