@@ -1,7 +1,8 @@
 """Balanced Group Softmax at the LVIS v0.5 two-stage size: N = 8192 RoIs (16 images x 512), K = 1236 logits
 (1230 classes in 4 groups). `group_softmax_loss` forward + backward with others sampling (ratio 8), and the
 inference merge `group_softmax_scores`. Peers: the eager reference (same sampling, one log_softmax per group,
-autograd), the official-style per-group loop (np.random.choice, .item() syncs) and torch.compile of the reference."""
+autograd), the official-style per-group loop (np.random.choice, .item() syncs) and torch.compile of the reference;
+for the scores the eager per-group merge and its torch.compile."""
 
 import pytest
 import torch
@@ -73,12 +74,20 @@ def test_group_softmax_loss(run_bench, device, dtype, impl):
     _run(run_bench, device, dtype, impl, _loss_step(IMPLS[impl](), logits, labels), logits)
 
 
-@pytest.mark.parametrize("impl", ["ltkernels", "eager"])
+SCORES_IMPLS = {
+    "ltkernels": lambda: ltkernels.group_softmax_scores,
+    "eager": lambda: group_softmax_scores_reference,
+    "compile": lambda: torch.compile(group_softmax_scores_reference),
+}
+
+
+@pytest.mark.parametrize("impl", list(SCORES_IMPLS))
 def test_group_softmax_scores(run_bench, device, impl):
     dtype = torch.float32
+    torch._dynamo.reset()
     logits, _ = make_inputs(device, dtype)
     x = logits.detach()
-    fn = ltkernels.group_softmax_scores if impl == "ltkernels" else group_softmax_scores_reference
+    fn = SCORES_IMPLS[impl]()
     nbytes = x.numel() * x.element_size() + N * (GROUPS.num_classes + 1) * x.element_size()
     _run(run_bench, device, dtype, impl, lambda: fn(x, GROUPS), x, op="group_softmax_scores", pass_="fwd",
          nbytes=nbytes)

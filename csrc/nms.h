@@ -58,4 +58,28 @@ inline void check_multiclass_args(const at::Tensor& boxes, const at::Tensor& sco
               "], got ", num_images);
 }
 
+// The arguments of multiclass_nms_images (the device is the backend's: the dispatcher picked it from the tensors).
+inline void check_multiclass_images_args(at::TensorList boxes, at::TensorList scores) {
+  TORCH_CHECK(!scores.empty() && boxes.size() == scores.size(),
+              "boxes and scores must be lists with one entry per image (at least one), got ", boxes.size(), " and ",
+              scores.size());
+  TORCH_CHECK(static_cast<int64_t>(scores.size()) <= kMaxImagesPerCall, "at most ", kMaxImagesPerCall,
+              " images per call, got ", scores.size());
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor &b = boxes[i], &s = scores[i];
+    TORCH_CHECK(s.dim() == 2, "scores[", i, "] must have shape [N, C], got ", s.sizes());
+    const int64_t n = s.size(0), C = s.size(1);
+    TORCH_CHECK(C == scores[0].size(1) && b.dim() == boxes[0].dim(),
+                "every image must have the same number of classes and the same box layout");
+    TORCH_CHECK((b.dim() == 2 && b.size(0) == n && b.size(1) == 4) ||
+                    (b.dim() == 3 && b.size(0) == n && b.size(1) == C && b.size(2) == 4),
+                "boxes[", i, "] must have shape [N, 4] or [N, C, 4] for scores of shape ", s.sizes(), ", got ",
+                b.sizes());
+    TORCH_CHECK(b.scalar_type() == s.scalar_type() && s.scalar_type() == scores[0].scalar_type(),
+                "boxes and scores of every image must have one dtype");
+    TORCH_CHECK(b.device() == scores[0].device() && s.device() == scores[0].device(),
+                "boxes and scores of every image must be on one device");
+  }
+}
+
 }  // namespace ltk::nms

@@ -345,6 +345,57 @@ def test_batched_multiclass_nms_equals_per_image(class_specific):
     assert torch.equal(perm[rows], want[3] + starts[img])  # row_index of the concatenated (shuffled) input
 
 
+@pytest.mark.parametrize("class_specific", [True, False], ids=["class_specific", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multiclass_nms_images_op(class_specific, dtype):
+    # The per-image op reads each image where it lies: the same detections as multiclass_nms of the images
+    # concatenated, row_index within the image; its CompositeExplicitAutograd kernel (the other backends': concatenate,
+    # then multiclass_nms) agrees with the CPU kernel.
+    sizes = [70, 0, 1, 45]
+    images = [lvis_inputs(n=n, c=30, class_specific=class_specific, dtype=dtype, seed=i) for i, n in enumerate(sizes)]
+    boxes, scores = [b for b, _ in images], [s for _, s in images]
+    got = torch.ops.ltkernels.multiclass_nms_images(boxes, scores, 1e-3, 0.5, 25)
+    index = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    want = torch.ops.ltkernels.multiclass_nms(torch.cat(boxes), torch.cat(scores), index, 4, 1e-3, 0.5, 25)
+    starts = torch.tensor([0, 70, 70, 71])
+    assert got[0].shape[0] > 0 and torch.equal(got[4], want[4])
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.equal(g, w)
+    assert torch.equal(got[3] + starts[got[4]], want[3])
+    composite = torch.ops.ltkernels.multiclass_nms_images.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), boxes, scores, 1e-3, 0.5, 25)
+    for g, c in zip(got, composite):
+        assert torch.equal(g, c)
+    with pytest.raises(RuntimeError, match="one entry per image"):
+        torch.ops.ltkernels.multiclass_nms_images(boxes, scores[:3], 1e-3, 0.5, 25)
+    with pytest.raises(RuntimeError, match="same number of classes"):
+        torch.ops.ltkernels.multiclass_nms_images(boxes[:1] + boxes[2:], scores[:1] + [scores[2][:, :5]] + scores[3:],
+                                                  1e-3, 0.5, 25)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    with pytest.raises(ValueError, match="same number of classes, box layout and dtype"):
+        ltkernels.batched_multiclass_nms(boxes[:3] + [boxes[3].to(other)], scores[:3] + [scores[3].to(other)])
+
+
+def test_batched_multiclass_nms_list_gradients():
+    images = [lvis_inputs(n=n, c=5, dtype=torch.float64, seed=i) for i, n in enumerate([12, 0, 9])]
+    boxes = [b.clone().requires_grad_(True) for b, _ in images]
+    scores = [s.clone().requires_grad_(True) for _, s in images]
+
+    def f(*tensors):
+        out = ltkernels.batched_multiclass_nms(list(tensors[:3]), list(tensors[3:]), None, None, 1e-3, 0.5, 6)
+        return tuple(t for b, s, _, _ in out for t in (b, s))
+
+    torch.autograd.gradcheck(f, (*boxes, *scores))
+    per_image = ltkernels.batched_multiclass_nms(boxes, scores, None, None, 1e-3, 0.5, 6)
+    sum(b.sum() * 2 + s.sum() for b, s, _, _ in per_image).backward()
+    for (b, s, labels, rows), gb, gs in zip(per_image, boxes, scores):
+        want_s = torch.zeros_like(gs)
+        want_s[rows, labels - 1] = 1
+        want_b = torch.zeros_like(gb)
+        want_b[rows, labels - 1] = 2
+        assert torch.equal(gs.grad, want_s) and torch.equal(gb.grad, want_b)
+
+
 def test_multiclass_nms_gradients():
     boxes, scores = lvis_inputs(n=20, c=6, dtype=torch.float64)
     boxes.requires_grad_(True)
@@ -466,6 +517,8 @@ def test_opcheck(device):
     mb, ms = mb.to(device).requires_grad_(True), ms.to(device).requires_grad_(True)
     image_index = torch.randint(0, 2, (30,), device=device)
     torch.library.opcheck(torch.ops.ltkernels.multiclass_nms.default, (mb, ms, image_index, 2, 1e-3, 0.5, 20))
+    torch.library.opcheck(torch.ops.ltkernels.multiclass_nms_images.default,
+                          ([mb[:18], mb[18:]], [ms[:18], ms[18:]], 1e-3, 0.5, 20))
 
 
 @pytest.mark.parametrize("device", devices(emulated=False))
@@ -480,7 +533,10 @@ def test_torch_compile(device):
         keep = ltkernels.nms(boxes, scores, 0.5)
         keep_b = ltkernels.batched_nms(boxes, scores, idxs, 0.5)
         b, s, labels, rows = ltkernels.multiclass_nms(mb, ms, 1e-3, 0.5, 20)
-        return boxes[keep] * 2, keep_b + 1, b, s * 2, labels, rows
+        cb, cs, clabels, crows, cimages = ltkernels.batched_multiclass_nms_concat([mb[:25], mb[25:]],
+                                                                                [ms[:25], ms[25:]], None, None,
+                                                                                1e-3, 0.5, 20)
+        return boxes[keep] * 2, keep_b + 1, b, s * 2, labels, rows, cb, cs, clabels, crows, cimages
 
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

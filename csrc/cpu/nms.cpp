@@ -336,66 +336,111 @@ void multiclass_image(const T* boxes, bool class_specific, const T* scores, int6
   }
 }
 
+template <typename T>
+struct ImageRows {  // one image of a multiclass_nms call: where its boxes and scores lie, and its rows there
+  const T* boxes;
+  const T* scores;
+  std::vector<int64_t> rows;
+};
+
+// multiclass_nms of every image, parallel over the images (an image's work is its candidates, up to rows x C
+// scores); outputs as the schema says, row_index being the row relative to the image's own pointers.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_images(
+    const std::vector<ImageRows<T>>& images, int64_t C, bool class_specific, double score_threshold,
+    double iou_threshold, int64_t max_per_image, const at::TensorOptions& options) {
+  const int64_t num_images = static_cast<int64_t>(images.size());
+  int64_t n = 0;
+  for (const auto& im : images) n += static_cast<int64_t>(im.rows.size());
+  std::vector<std::vector<Detection<T>>> dets(num_images);
+  // The reference compares scores > score_threshold in the scores' dtype (torch casts the Python float).
+  const T sthr = static_cast<T>(score_threshold);
+  const auto ithr = threshold_below<ltk::acc_t<T>>(iou_threshold);
+  const int64_t grain = n * C >= kParallelWork * 4 ? 1 : std::max<int64_t>(num_images, 1);
+  at::parallel_for(0, num_images, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto& im = images[i];
+      multiclass_image<T>(im.boxes, class_specific, im.scores, C, im.rows, sthr, ithr, max_per_image, dets[i]);
+    }
+  });
+  std::vector<int64_t> offset(num_images + 1, 0);
+  for (int64_t i = 0; i < num_images; ++i) offset[i + 1] = offset[i] + static_cast<int64_t>(dets[i].size());
+  const int64_t total = offset[num_images];
+  const auto long_opts = options.dtype(at::kLong);
+  auto out_boxes = at::empty({total, 4}, options), out_scores = at::empty({total}, options);
+  auto out_labels = at::empty({total}, long_opts), out_rows = at::empty({total}, long_opts);
+  auto out_images = at::empty({total}, long_opts);
+  T* ob = out_boxes.data_ptr<T>();
+  T* os = out_scores.data_ptr<T>();
+  int64_t* ol = out_labels.data_ptr<int64_t>();
+  int64_t* orow = out_rows.data_ptr<int64_t>();
+  int64_t* oimg = out_images.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_images; ++i) {
+    for (int64_t k = 0; k < static_cast<int64_t>(dets[i].size()); ++k) {
+      const int64_t o = offset[i] + k;
+      const int64_t flat = dets[i][k].flat;
+      const int64_t r = flat / C;
+      const T* bx = class_specific ? images[i].boxes + flat * 4 : images[i].boxes + r * 4;
+      for (int q = 0; q < 4; ++q) ob[4 * o + q] = bx[q];
+      os[o] = dets[i][k].score;
+      ol[o] = flat - r * C + 1;
+      orow[o] = r;
+      oimg[o] = i;
+    }
+  }
+  return {out_boxes, out_scores, out_labels, out_rows, out_images};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms_cpu(
     const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor& image_index_in, int64_t num_images,
     double score_threshold, double iou_threshold, int64_t max_per_image) {
   ltk::nms::check_multiclass_args(boxes_in, scores_in, image_index_in, num_images, at::kCPU);
   const int64_t n = scores_in.size(0), C = scores_in.size(1);
-  const bool class_specific = boxes_in.dim() == 3;
   const auto boxes = boxes_in.contiguous();
   const auto scores = scores_in.contiguous();
   const auto image_index = image_index_in.contiguous();
   const int64_t* img = image_index.data_ptr<int64_t>();
-  // Rows of each image, in increasing row order.
-  std::vector<std::vector<int64_t>> rows(num_images);
-  for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(img[r] >= 0 && img[r] < num_images, "image_index must lie in [0, num_images), got ", img[r]);
-    rows[img[r]].push_back(r);
-  }
-  at::Tensor out_boxes, out_scores, out_labels, out_rows, out_images;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   LTK_DISPATCH_FLOATING(scores.scalar_type(), "ltkernels_multiclass_nms_cpu", [&] {
-    std::vector<std::vector<Detection<scalar_t>>> dets(num_images);
     const scalar_t* b = boxes.data_ptr<scalar_t>();
     const scalar_t* s = scores.data_ptr<scalar_t>();
+    std::vector<ImageRows<scalar_t>> images(num_images, ImageRows<scalar_t>{b, s, {}});
+    for (int64_t r = 0; r < n; ++r) {  // the rows of each image, in increasing row order
+      TORCH_CHECK(img[r] >= 0 && img[r] < num_images, "image_index must lie in [0, num_images), got ", img[r]);
+      images[img[r]].rows.push_back(r);
+    }
     check_values(b, boxes.numel(), false, "boxes");
     check_values(s, scores.numel(), true, "scores");
-    // The reference compares scores > score_threshold in the scores' dtype (torch casts the Python float).
-    const scalar_t sthr = static_cast<scalar_t>(score_threshold);
-    const auto ithr = threshold_below<ltk::acc_t<scalar_t>>(iou_threshold);
-    // an image's work is its candidates (up to rows x C scores)
-    const int64_t grain = n * C >= kParallelWork * 4 ? 1 : std::max<int64_t>(num_images, 1);
-    at::parallel_for(0, num_images, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        multiclass_image<scalar_t>(b, class_specific, s, C, rows[i], sthr, ithr, max_per_image, dets[i]);
-    });
-    std::vector<int64_t> offset(num_images + 1, 0);
-    for (int64_t i = 0; i < num_images; ++i) offset[i + 1] = offset[i] + static_cast<int64_t>(dets[i].size());
-    const int64_t total = offset[num_images];
-    out_boxes = at::empty({total, 4}, boxes.options());
-    out_scores = at::empty({total}, scores.options());
-    out_labels = at::empty({total}, scores.options().dtype(at::kLong));
-    out_rows = at::empty({total}, scores.options().dtype(at::kLong));
-    out_images = at::empty({total}, scores.options().dtype(at::kLong));
-    scalar_t* ob = out_boxes.data_ptr<scalar_t>();
-    scalar_t* os = out_scores.data_ptr<scalar_t>();
-    int64_t* ol = out_labels.data_ptr<int64_t>();
-    int64_t* orow = out_rows.data_ptr<int64_t>();
-    int64_t* oimg = out_images.data_ptr<int64_t>();
-    for (int64_t i = 0; i < num_images; ++i) {
-      for (int64_t k = 0; k < static_cast<int64_t>(dets[i].size()); ++k) {
-        const int64_t o = offset[i] + k;
-        const int64_t flat = dets[i][k].flat;
-        const int64_t r = flat / C;
-        const scalar_t* bx = class_specific ? b + flat * 4 : b + r * 4;
-        for (int q = 0; q < 4; ++q) ob[4 * o + q] = bx[q];
-        os[o] = dets[i][k].score;
-        ol[o] = flat - r * C + 1;
-        orow[o] = r;
-        oimg[o] = i;
-      }
-    }
+    out =
+        multiclass_images(images, C, boxes.dim() == 3, score_threshold, iou_threshold, max_per_image, scores.options());
   });
-  return {out_boxes, out_scores, out_labels, out_rows, out_images};
+  return out;
+}
+
+// The per-image form, read where each image lies (no concatenated copy of the inputs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiclass_nms_images_cpu(
+    at::TensorList boxes_in, at::TensorList scores_in, double score_threshold, double iou_threshold,
+    int64_t max_per_image) {
+  ltk::nms::check_multiclass_images_args(boxes_in, scores_in);
+  const int64_t num_images = static_cast<int64_t>(scores_in.size()), C = scores_in[0].size(1);
+  TORCH_CHECK(scores_in[0].device().type() == at::kCPU, "scores must be CPU tensors");
+  std::vector<at::Tensor> boxes(num_images), scores(num_images);
+  for (int64_t i = 0; i < num_images; ++i) boxes[i] = boxes_in[i].contiguous(), scores[i] = scores_in[i].contiguous();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  LTK_DISPATCH_FLOATING(scores[0].scalar_type(), "ltkernels_multiclass_nms_images_cpu", [&] {
+    std::vector<ImageRows<scalar_t>> images(num_images);
+    for (int64_t i = 0; i < num_images; ++i) {
+      const scalar_t* b = boxes[i].data_ptr<scalar_t>();
+      const scalar_t* s = scores[i].data_ptr<scalar_t>();
+      check_values(b, boxes[i].numel(), false, "boxes");
+      check_values(s, scores[i].numel(), true, "scores");
+      images[i] = {b, s, std::vector<int64_t>(scores[i].size(0))};
+      std::iota(images[i].rows.begin(), images[i].rows.end(), int64_t(0));
+    }
+    out = multiclass_images(images, C, boxes[0].dim() == 3, score_threshold, iou_threshold, max_per_image,
+                            scores[0].options());
+  });
+  return out;
 }
 
 }  // namespace
@@ -404,4 +449,5 @@ TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
   m.impl("nms", &nms_cpu);
   m.impl("batched_nms", &batched_nms_cpu);
   m.impl("multiclass_nms", &multiclass_nms_cpu);
+  m.impl("multiclass_nms_images", &multiclass_nms_images_cpu);
 }

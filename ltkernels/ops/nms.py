@@ -195,72 +195,80 @@ def _check_num_images(num_images: Optional[int], image_index: Tensor) -> int:
     return num_images
 
 
-def _batch_rows(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
-                image_index: Optional[Tensor], num_images: Optional[int]
-                ) -> Tuple[Tensor, Tensor, Tensor, int, Optional[Tensor]]:
-    """(boxes, scores, image_index, num_images, row within its image or None) of either input form."""
+def _check_image_lists(boxes: List[Tensor], scores: List[Tensor], score_threshold: float, iou_threshold: float,
+                       max_per_image: Optional[int]) -> Tuple[float, float, int]:
+    """The per-image form's checks (each image as `multiclass_nms` checks it; one C, box layout and device)."""
+    if len(boxes) != len(scores):
+        raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
+    if len(scores) == 0:
+        raise ArgumentValueError("scores is an empty list: give at least one image")
+    limit = 1 << 24  # MAX_IMAGES_PER_CALL (TorchScript cannot read module-level constants)
+    if len(scores) > limit:
+        raise ArgumentValueError(f"at most {limit} images per call (MAX_IMAGES_PER_CALL), got {len(scores)}")
+    device = scores[0].device
+    checked = (0.0, 0.0, -1)
+    for i in range(len(scores)):
+        s, b = scores[i], boxes[i]
+        check_tensor(f"scores[{i}]", s, ndim=2, dtypes=floating_dtypes(), device=device)
+        check_tensor(f"boxes[{i}]", b, dtypes=[s.dtype], device=device)
+        if b.dim() != boxes[0].dim() or s.shape[1] != scores[0].shape[1] or s.dtype != scores[0].dtype:
+            raise ArgumentValueError("every image must have the same number of classes, box layout and dtype")
+        checked = _check_multiclass(b, s, score_threshold, iou_threshold, max_per_image, what=f"scores[{i}]")
+    return checked
+
+
+def _check_concat_rows(boxes: Tensor, scores: Tensor, image_index: Optional[Tensor], num_images: Optional[int]
+                       ) -> Tuple[Tensor, int]:
+    """The concatenated form's image_index (int64) and num_images."""
+    if image_index is None:
+        raise ArgumentValueError("image_index is required when boxes and scores are the rows of all images")
+    check_tensor("image_index", image_index, ndim=1, dtypes=[torch.int64, torch.int32], device=scores.device)
+    if image_index.shape[0] != scores.shape[0]:
+        raise ArgumentValueError(f"image_index must have one entry per row of scores ({scores.shape[0]}), "
+                                 f"got shape {list(image_index.shape)}")
+    image_index = image_index.long()
+    n_images = _check_num_images(num_images, image_index)
+    if can_read_values(image_index, sync=True) and image_index.numel() > 0 and (
+            bool((image_index < 0).any()) or int(image_index.max()) >= n_images):
+        raise ArgumentValueError(f"image_index must lie in [0, num_images={n_images})")
+    return image_index, n_images
+
+
+def _batched_multiclass(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
+                        image_index: Optional[Tensor], num_images: Optional[int], score_threshold: float,
+                        iou_threshold: float, max_per_image: Optional[int], label_layout: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, Optional[Tensor], Optional[List[int]]]:
+    """The one kernel call of both input forms: (boxes, scores, labels in `label_layout`, row, image) of the
+    survivors, num_images, and either the concatenated form's image_index (rows are rows of the concatenated input)
+    or the per-image form's image sizes (rows are rows within the image: that form is read where each image lies,
+    `multiclass_nms_images`, never concatenated on CPU)."""
+    first_label = 0 if background_last(label_layout) else 1
     if not torch.jit.is_scripting():
         # eager mode also takes tuples; TorchScript's Union[Tensor, List[Tensor]] checks the types itself
         if isinstance(scores, tuple):
             scores = list(scores)
         if isinstance(boxes, tuple):
             boxes = list(boxes)
-        if isinstance(scores, list) and not isinstance(boxes, list):
-            raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
+    sizes: Optional[List[int]] = None
     if isinstance(scores, Tensor):
         if not isinstance(boxes, Tensor):
             raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
-        if image_index is None:
-            raise ArgumentValueError("image_index is required when boxes and scores are the rows of all images")
-        check_tensor("image_index", image_index, ndim=1, dtypes=[torch.int64, torch.int32], device=scores.device)
-        if image_index.shape[0] != scores.shape[0]:
-            raise ArgumentValueError(f"image_index must have one entry per row of scores ({scores.shape[0]}), "
-                                     f"got shape {list(image_index.shape)}")
-        image_index = image_index.long()
-        n_images = _check_num_images(num_images, image_index)
-        if can_read_values(image_index, sync=True) and image_index.numel() > 0 and (
-                bool((image_index < 0).any()) or int(image_index.max()) >= n_images):
-            raise ArgumentValueError(f"image_index must lie in [0, num_images={n_images})")
-        return boxes, scores, image_index, n_images, None
-    if isinstance(boxes, Tensor) or len(boxes) != len(scores):
-        raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
-    if image_index is not None:
-        raise ArgumentValueError("image_index must be None when boxes and scores are per-image lists")
-    if len(scores) == 0:
-        raise ArgumentValueError("scores is an empty list: give at least one image")
-    n_images = len(scores)
-    device = scores[0].device
-    sizes: List[int] = []
-    for i in range(n_images):
-        s, b = scores[i], boxes[i]
-        check_tensor(f"scores[{i}]", s, ndim=2, dtypes=floating_dtypes(), device=device)
-        check_tensor(f"boxes[{i}]", b, dtypes=[s.dtype], device=device)
-        if b.dim() != boxes[0].dim() or s.shape[1] != scores[0].shape[1]:
-            raise ArgumentValueError("every image must have the same number of classes and the same box layout")
-        sizes.append(s.shape[0])
-    index = torch.repeat_interleave(torch.arange(n_images, device=device), torch.tensor(sizes, device=device))
-    cat_scores = torch.cat(scores)
-    starts = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
-    local_row = torch.arange(cat_scores.shape[0], device=device) - starts[index]
-    return torch.cat(boxes), cat_scores, index, n_images, local_row
-
-
-def _batched_multiclass(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
-                        image_index: Optional[Tensor], num_images: Optional[int], score_threshold: float,
-                        iou_threshold: float, max_per_image: Optional[int], label_layout: str
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, Optional[Tensor]]:
-    """The one kernel call of both batched forms: (boxes, scores, labels in `label_layout`, row of the concatenated
-    input, image) of the survivors, with the batch's image_index, num_images and (list input) each row's row
-    within its image."""
-    first_label = 0 if background_last(label_layout) else 1
-    boxes, scores, image_index, num_images, local_row = _batch_rows(boxes, scores, image_index, num_images)
-    score_threshold, iou_threshold, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold,
-                                                              max_per_image)
-    b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(
-        boxes, scores, image_index, num_images, score_threshold, iou_threshold, limit)
+        image_index, num_images = _check_concat_rows(boxes, scores, image_index, num_images)
+        sthr, ithr, limit = _check_multiclass(boxes, scores, score_threshold, iou_threshold, max_per_image)
+        b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms(boxes, scores, image_index, num_images,
+                                                                        sthr, ithr, limit)
+    else:
+        if isinstance(boxes, Tensor):
+            raise ArgumentValueError("boxes and scores must both be lists with one entry per image")
+        if image_index is not None:
+            raise ArgumentValueError("image_index must be None when boxes and scores are per-image lists")
+        sthr, ithr, limit = _check_image_lists(boxes, scores, score_threshold, iou_threshold, max_per_image)
+        num_images = len(scores)
+        sizes = [x.shape[0] for x in scores]
+        b, s, labels, rows, images = torch.ops.ltkernels.multiclass_nms_images(boxes, scores, sthr, ithr, limit)
     if first_label == 0:
         labels = labels - 1
-    return b, s, labels, rows, images, image_index, num_images, local_row
+    return b, s, labels, rows, images, num_images, image_index, sizes
 
 
 def batched_multiclass_nms_concat(boxes: Union[Tensor, List[Tensor]], scores: Union[Tensor, List[Tensor]],
@@ -271,8 +279,12 @@ def batched_multiclass_nms_concat(boxes: Union[Tensor, List[Tensor]], scores: Un
     """`batched_multiclass_nms(..., concat=True)` with its own fixed return type, for TorchScript: the detections of
     all images concatenated, `(boxes, scores, labels, row_index, image)`, row_index being the row of the
     concatenated input. Scriptable."""
-    b, s, labels, rows, images, _, _, _ = _batched_multiclass(boxes, scores, image_index, num_images, score_threshold,
-                                                              iou_threshold, max_per_image, label_layout)
+    b, s, labels, rows, images, _, _, sizes = _batched_multiclass(boxes, scores, image_index, num_images,
+                                                                  score_threshold, iou_threshold, max_per_image,
+                                                                  label_layout)
+    if sizes is not None:  # per-image rows -> rows of the images concatenated
+        starts = torch.tensor([0] + sizes[:-1], device=rows.device).cumsum(0)
+        rows = rows + starts[images]
     return b, s, labels, rows, images
 
 
@@ -300,15 +312,15 @@ def batched_multiclass_nms(boxes: Union[Tensor, List[Tensor]], scores: Union[Ten
         else:
             return batched_multiclass_nms_concat(boxes, scores, image_index, num_images, score_threshold,
                                                  iou_threshold, max_per_image, label_layout)
-    b, s, labels, rows, images, image_index, num_images, local_row = _batched_multiclass(
+    b, s, labels, rows, images, num_images, image_index, _ = _batched_multiclass(
         boxes, scores, image_index, num_images, score_threshold, iou_threshold, max_per_image, label_layout)
-    if local_row is None:  # row within the image: rank among the rows of that image
+    if image_index is not None:  # rows of the concatenated input -> rows within the image: rank among its rows
         order = torch.sort(image_index, stable=True)[1]
         counts = torch.bincount(image_index, minlength=num_images)
         starts = counts.cumsum(0) - counts
         local_row = torch.empty_like(image_index)
         local_row[order] = torch.arange(order.numel(), device=order.device) - starts[image_index[order]]
-    rows = local_row[rows]
+        rows = local_row[rows]
     sizes: List[int] = torch.bincount(images, minlength=num_images).tolist()
     parts = [b.split(sizes), s.split(sizes), labels.split(sizes), rows.split(sizes)]
     out: List[Tuple[Tensor, Tensor, Tensor, Tensor]] = []
@@ -364,20 +376,63 @@ if has_op("multiclass_nms"):
         ctx.boxes_shape, ctx.scores_shape = boxes.shape, scores.shape
         ctx.save_for_backward(output[2], output[3])
 
-    def _multiclass_backward(ctx, g_boxes, g_scores, g_labels, g_rows, g_images):
+    def _scatter_back(ctx, g_boxes, g_scores, labels, rows, needs_boxes: bool, needs_scores: bool):
         # The kept boxes and scores are gathered from the inputs: their gradients scatter back (no duplicates).
-        labels, rows = ctx.saved_tensors
         grad_boxes = grad_scores = None
-        if ctx.needs_input_grad[0] and g_boxes is not None:
+        if needs_boxes and g_boxes is not None:
             grad_boxes = g_boxes.new_zeros(ctx.boxes_shape)
             if ctx.class_specific:
                 grad_boxes[rows, labels - 1] = g_boxes
             else:
                 grad_boxes.index_add_(0, rows, g_boxes)
-        if ctx.needs_input_grad[1] and g_scores is not None:
+        if needs_scores and g_scores is not None:
             grad_scores = g_scores.new_zeros(ctx.scores_shape)
             grad_scores[rows, labels - 1] = g_scores
+        return grad_boxes, grad_scores
+
+    def _multiclass_backward(ctx, g_boxes, g_scores, g_labels, g_rows, g_images):
+        labels, rows = ctx.saved_tensors
+        grad_boxes, grad_scores = _scatter_back(ctx, g_boxes, g_scores, labels, rows, ctx.needs_input_grad[0],
+                                                ctx.needs_input_grad[1])
         return grad_boxes, grad_scores, None, None, None, None, None
 
     torch.library.register_autograd("ltkernels::multiclass_nms", _multiclass_backward,
                                     setup_context=_multiclass_setup)
+
+if has_op("multiclass_nms_images"):
+    @torch.library.register_fake("ltkernels::multiclass_nms_images")
+    def _multiclass_nms_images_fake(boxes, scores, score_threshold, iou_threshold, max_per_image):
+        torch._check(len(scores) > 0 and len(boxes) == len(scores),
+                     lambda: "boxes and scores must be lists with one entry per image")
+        for b, s in zip(boxes, scores):
+            torch._check(s.dim() == 2 and s.size(1) == scores[0].size(1),
+                         lambda: f"every scores entry must be [N_i, C] with one C, got {s.shape}")
+            torch._check((b.dim() == 2 and b.size(0) == s.size(0) and b.size(1) == 4)
+                         or (b.dim() == 3 and b.size(0) == s.size(0) and b.size(1) == s.size(1) and b.size(2) == 4),
+                         lambda: f"boxes must have shape [N, 4] or [N, C, 4] for scores {s.shape}, got {b.shape}")
+        k = torch.library.get_ctx().new_dynamic_size()
+        s0 = scores[0]
+        return (boxes[0].new_empty((k, 4)), s0.new_empty((k,)), s0.new_empty((k,), dtype=torch.int64),
+                s0.new_empty((k,), dtype=torch.int64), s0.new_empty((k,), dtype=torch.int64))
+
+    def _multiclass_images_setup(ctx, inputs, output):
+        boxes, scores = inputs[0], inputs[1]
+        ctx.class_specific = boxes[0].dim() == 3
+        ctx.sizes = [s.shape[0] for s in scores]
+        ctx.boxes_shape = (sum(ctx.sizes),) + tuple(boxes[0].shape[1:])
+        ctx.scores_shape = (sum(ctx.sizes), scores[0].shape[1])
+        ctx.needs_boxes = any(b.requires_grad for b in boxes)
+        ctx.needs_scores = any(s.requires_grad for s in scores)
+        ctx.save_for_backward(output[2], output[3], output[4])
+
+    def _multiclass_images_backward(ctx, g_boxes, g_scores, g_labels, g_rows, g_images):
+        # the gradients of the images concatenated, split back into the images
+        labels, rows, images = ctx.saved_tensors
+        starts = torch.tensor([0] + ctx.sizes, device=rows.device).cumsum(0)
+        grad_boxes, grad_scores = _scatter_back(ctx, g_boxes, g_scores, labels, rows + starts[images],
+                                                ctx.needs_boxes, ctx.needs_scores)
+        return (None if grad_boxes is None else list(grad_boxes.split(ctx.sizes)),
+                None if grad_scores is None else list(grad_scores.split(ctx.sizes)), None, None, None)
+
+    torch.library.register_autograd("ltkernels::multiclass_nms_images", _multiclass_images_backward,
+                                    setup_context=_multiclass_images_setup)
