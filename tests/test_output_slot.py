@@ -1,12 +1,14 @@
 """The CPU losses' gradients above 32 MiB come from a slot that hands the previous step's gradient out again once
 nothing references it any more (csrc/cpu/output_slot.h): that saves the page faults of a fresh allocation on every
 step. It must never hand out memory that something still sees: a gradient that is kept, a view of it, or a weak
-reference to its storage each make the next step allocate afresh, and the kept one keeps its values."""
+reference to its storage each make the next step allocate afresh, and the kept one keeps its values. The BAGS scores,
+an output the caller keeps, come from a slot of depth 2: the output before last is reused."""
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import ltkernels
+from ltkernels.reference.group_softmax import group_softmax_scores_reference
 
 N, C = 7200, 1203  # a 34.6 MB float32 gradient, above the slot's 32 MiB
 GROUPS = ltkernels.BalancedGroups.from_instance_counts([1, 5, 50, 500] * 300)
@@ -110,3 +112,29 @@ def test_release_cpu_buffers_frees_what_the_slots_keep():
     assert ltkernels.release_cpu_buffers() >= nbytes
     assert ltkernels.release_cpu_buffers() == 0
     assert torch.equal(_grad("equalized_focal_loss", 0), want)
+
+
+def _scores(seed):
+    x = torch.randn(N, GROUPS.num_logits, generator=torch.Generator().manual_seed(seed)) * 2
+    return ltkernels.group_softmax_scores(x, GROUPS), x
+
+
+def test_scores_reuse_the_output_before_last_and_never_one_in_use():
+    # `scores = f(x)` in a loop keeps the previous result while the next is made: a slot of depth 2 (the outputs of
+    # the last two calls) serves it from memory already faulted in, and never hands out an output still referenced.
+    kept = [_scores(seed) for seed in range(3)]  # all three in use: three buffers, each keeps its values
+    assert kept[0][0].nbytes > 32 << 20
+    assert len({s.data_ptr() for s, _ in kept}) == 3
+    for s, x in kept:
+        assert torch.allclose(s, group_softmax_scores_reference(x.double(), GROUPS).float(), rtol=1e-5, atol=1e-7)
+    del kept, s, x
+    ptrs = []
+    scores = None
+    for seed in range(6):
+        scores, x = _scores(seed)
+        ptrs.append(scores.data_ptr())
+        want = group_softmax_scores_reference(x.double(), GROUPS).float()
+        assert torch.allclose(scores, want, rtol=1e-5, atol=1e-7)  # a reused buffer is rewritten in full
+    assert len(set(ptrs[1:])) == 2 and ptrs[2:] == ptrs[:2] * 2  # two buffers, taken in turn
+    del scores
+    assert ltkernels.release_cpu_buffers() >= 2 * want.nbytes

@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
 #include "cpu/flush_denormals.h"
 #include "cpu/output_slot.h"
 #include "cpu/prefetch.h"
@@ -205,8 +204,9 @@ at::Tensor group_softmax_scores_cpu(const at::Tensor& logits_, const at::Tensor&
   for (int64_t c = 0; c < C1; ++c)
     TORCH_CHECK(sc[c] >= 0 && sc[c] < K, "score_column[", c, "] = ", sc[c], " is not a column of the logits");
   const auto logits = logits_.contiguous();
-  auto out = at::empty({N, C1}, logits.options());
-  ltk::cpu::advise_huge_pages(out);
+  // The caller keeps the scores until the next call has returned: the output before last is reused.
+  static ltk::cpu::OutputSlot slot(2);
+  auto out = slot.take({N, C1}, logits.scalar_type());
   if (N == 0) return out;
   const int64_t* off = group_offsets.data_ptr<int64_t>();
   LTK_DISPATCH_FLOATING(logits.scalar_type(), "group_softmax_scores_cpu", [&] {
