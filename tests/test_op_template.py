@@ -62,6 +62,8 @@ def _fake_calls():
          (b4, s1, torch.zeros(n + 1, dtype=torch.long), 0.5)),
         ("multiclass_nms", (b4, torch.rand(n, c), torch.zeros(n, dtype=torch.long), 1, 0.1, 0.5, 10),
          (torch.rand(n, c + 1, 4), torch.rand(n, c), torch.zeros(n, dtype=torch.long), 1, 0.1, 0.5, 10)),
+        ("multiclass_nms_images", ([b4, b4[:2]], [torch.rand(n, c), torch.rand(2, c)], 0.1, 0.5, 10),
+         ([b4, b4[:2]], [torch.rand(n, c), torch.rand(2, c + 1)], 0.1, 0.5, 10)),
         ("equalized_focal_loss", (torch.randn(n, c), torch.zeros(n, dtype=torch.long), torch.ones(c),
                                   torch.ones(()), 2.0, 4.0, 0.25, -1),
          (torch.randn(n, c), torch.zeros(n, dtype=torch.long), torch.ones(c + 1), torch.ones(()), 2.0, 4.0, 0.25,
@@ -90,7 +92,12 @@ def test_fake_kernels_check_shapes_like_the_kernels(name, good, bad):
         op(*bad)  # ... and its host checks refuse the bad ones
     # a shape environment that allows data-dependent output sizes (NMS)
     with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True)) as mode:
-        fake = lambda args: tuple(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args)  # noqa: E731
+        def fake_one(a):
+            if isinstance(a, list):
+                return [fake_one(t) for t in a]
+            return mode.from_tensor(a) if torch.is_tensor(a) else a
+
+        fake = lambda args: tuple(fake_one(a) for a in args)  # noqa: E731
         op(*fake(good))
         with pytest.raises(RuntimeError):
             op(*fake(bad))
